@@ -1,0 +1,605 @@
+"""Datasets, transforms and loaders.
+
+Reproducibility contract (what exact resume relies on): the order of the images in epoch e is a permutation drawn
+from (seed, e) and split across ranks like DistributedSampler; the random augmentation of image i in epoch e is
+drawn from (seed, e, i) on the PIL path, and from (seed, e, step, rank) on the resident path. Nothing depends on
+worker processes or on how far an earlier process got, so a run resumed at (epoch, step) sees the same batches.
+
+Two training pipelines, same augmentation distribution:
+  * PIL: a DataLoader with worker processes decodes and augments one image at a time (ImageNet, folders).
+  * resident: the whole split as one uint8 tensor on the training device; crop + resize + flip + normalise are
+    done for the whole batch at once with `grid_sample` (synthetic, CIFAR, STL-10, MNIST, Fashion-MNIST).
+"""
+import gzip
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from . import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    native_size: int  # pixels of the stored images (0: any size; synthetic is rendered at the requested size)
+    scale: str  # which preset a method uses for it: demo, small, medium, imagenet
+    in_memory: bool  # small enough to hold as one uint8 tensor (the resident path)
+
+
+DATASETS = {
+    "synthetic": DatasetInfo(0, "demo", True),
+    "imagenet": DatasetInfo(0, "imagenet", False),
+    "folder": DatasetInfo(0, "imagenet", False),
+    "cifar10": DatasetInfo(32, "small", True),
+    "cifar100": DatasetInfo(32, "small", True),
+    "stl10": DatasetInfo(96, "medium", True),
+    "mnist": DatasetInfo(28, "small", True),
+    "fashion-mnist": DatasetInfo(28, "small", True),
+}
+
+
+def mix_seed(*values):
+    """A deterministic 63-bit seed from a few integers (seed, epoch, index, ...)."""
+    s = 0
+    for v in values:
+        s = (s * 1_000_003 + int(v) + 1) % (2 ** 63)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                  synthetic shapes: the offline dataset of tests and demo                           #
+# ---------------------------------------------------------------------------------------------------------------- #
+def _shape_mask(label, u, v):
+    """Inside-test of shape `label` in its local frame (u, v in about [-1, 1]); [H, W] bool."""
+    r, a = np.hypot(u, v), np.arctan2(v, u)
+    s3 = math.sqrt(3.0)
+    if label == 0:  # disk
+        return r <= 1.0
+    if label == 1:  # ring
+        return (r <= 1.0) & (r >= 0.6)
+    if label == 2:  # square
+        return np.maximum(abs(u), abs(v)) <= 0.8
+    if label == 3:  # square frame
+        m = np.maximum(abs(u), abs(v))
+        return (m <= 0.9) & (m >= 0.55)
+    if label == 4:  # triangle
+        return (v >= -0.5) & (s3 * u + v <= 1.0) & (-s3 * u + v <= 1.0)
+    if label == 5:  # plus
+        return ((abs(u) <= 0.3) & (abs(v) <= 0.95)) | ((abs(v) <= 0.3) & (abs(u) <= 0.95))
+    if label == 6:  # five-pointed star
+        return r <= 0.55 + 0.4 * np.cos(5 * a)
+    if label == 7:  # elongated ellipse
+        return u ** 2 + (v / 0.4) ** 2 <= 1.0
+    if label == 8:  # crescent
+        return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.75)
+    if label == 9:  # three dots
+        d = [np.hypot(u - 0.6 * math.cos(t), v - 0.6 * math.sin(t)) for t in (math.pi / 2, 7 * math.pi / 6, -math.pi / 6)]
+        return np.minimum(np.minimum(d[0], d[1]), d[2]) <= 0.33
+    if label == 10:  # half disk
+        return (r <= 1.0) & (v >= 0.0)
+    if label == 11:  # L shape
+        return ((abs(u + 0.35) <= 0.3) & (abs(v) <= 0.9)) | ((abs(v + 0.6) <= 0.3) & (u >= -0.65) & (u <= 0.8))
+    raise ValueError(label)
+
+
+SYNTHETIC_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "ellipse", "crescent",
+                     "three dots", "half disk", "L shape")
+
+
+def render_synthetic(index, size, seed):
+    """Image `index` of a synthetic split: a shape of class index % 12 with random colour, position, scale and
+    rotation over a random textured background (stripes, checkerboard or a noisy gradient, in random colours).
+    Colours are drawn independently of the class, so the mean colour says nothing about the label.
+    Returns (uint8 [size, size, 3], label)."""
+    label = index % len(SYNTHETIC_CLASSES)
+    rng = np.random.default_rng([seed, index])
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size * 2 - 1  # pixel centres in [-1, 1], [H, W] each
+    # background texture in two random colours of moderate contrast (the shape should be the salient object)
+    c1 = rng.random(3)
+    c2 = np.clip(c1 + rng.normal(0, 0.25, size=3), 0, 1)
+    kind = rng.integers(3)
+    if kind == 0:  # stripes at a random angle and frequency
+        phi, freq = rng.uniform(0, math.pi), rng.uniform(2, 6)
+        t = 0.5 + 0.5 * np.sin(freq * math.pi * (x * math.cos(phi) + y * math.sin(phi)) + rng.uniform(0, 6.3))
+    elif kind == 1:  # checkerboard
+        n = rng.integers(2, 6)
+        t = ((np.floor((x + 1) * n) + np.floor((y + 1) * n)) % 2).astype(np.float64)
+    else:  # gradient
+        phi = rng.uniform(0, 2 * math.pi)
+        t = 0.5 + 0.5 * (x * math.cos(phi) + y * math.sin(phi)) / math.sqrt(2)
+    img = c1 * t[..., None] + c2 * (1 - t[..., None])  # [H, W, 3]
+    # the shape: scale, rotate, translate into the image
+    scale = rng.uniform(0.35, 0.65)
+    theta = rng.uniform(0, 2 * math.pi)
+    cx, cy = rng.uniform(-1 + scale, 1 - scale, size=2)
+    xs, ys = (x - cx) / scale, (y - cy) / scale
+    u = xs * math.cos(theta) + ys * math.sin(theta)  # inverse rotation into the shape's frame
+    v = -xs * math.sin(theta) + ys * math.cos(theta)
+    fg = rng.random(3)
+    if np.abs(fg - (c1 + c2) / 2).mean() < 0.3:  # keep the shape visible against the background
+        fg = 1.0 - fg
+    mask = _shape_mask(label, u, v)
+    img[mask] = fg
+    img += rng.normal(0, 0.03, size=img.shape)  # sensor noise
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  image datasets                                                    #
+# ---------------------------------------------------------------------------------------------------------------- #
+def to_rgb(img):
+    """Any PIL mode -> RGB: 16-bit grayscale is scaled (PIL's own conversion would clip it to white), palette
+    and alpha images are flattened, CMYK/L/1 converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # resolves palette transparency without PIL's warning
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path):
+    """Decode an image file to RGB; an unreadable file is a UserError that names it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+class ImageDataset(Dataset):
+    """Base class: `load(i)` -> (PIL RGB image, label or -1). Keys are an index, or (index, epoch) from
+    EpochSampler, in which case the transform's randomness is seeded from (seed, epoch, index)."""
+
+    num_classes = 0
+    transform = None
+    seed = 0
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, None)
+        img, label = self.load(i)
+        if self.transform is not None:
+            if epoch is None:
+                img = self.transform(img)
+            else:  # torchvision's random transforms draw from the global torch RNG: fork it, seed it per image
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(mix_seed(self.seed, epoch, i))
+                    img = self.transform(img)
+        return img, label
+
+
+class SyntheticDataset(ImageDataset):
+    """Rendered from the index (no files, deterministic): 12 shape classes, any resolution."""
+
+    SPLITS = {"pretrain": (0, 10_000), "train": (0, 5_000), "val": (1, 1_000)}  # (seed, length)
+
+    def __init__(self, split, size):
+        self.split_seed, self.length = self.SPLITS[split]
+        self.size = size
+        self.num_classes = len(SYNTHETIC_CLASSES)
+
+    def __len__(self):
+        return self.length
+
+    def render(self, i):
+        return render_synthetic(i, self.size, self.split_seed)
+
+    def load(self, i):
+        arr, label = self.render(i)
+        return Image.fromarray(arr), label
+
+    def as_uint8(self):
+        imgs, labels = zip(*(self.render(i) for i in range(self.length)))
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)  # [N, 3, H, W]
+
+
+class ArrayDataset(ImageDataset):
+    """Images already in memory as uint8 [N, H, W, C] or [N, H, W] (grayscale) with integer labels."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.labels, self.num_classes = images, np.asarray(labels, dtype=np.int64), num_classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
+
+    def as_uint8(self):
+        x = torch.from_numpy(np.ascontiguousarray(self.images))
+        x = x.unsqueeze(-1).expand(-1, -1, -1, 3) if x.ndim == 3 else x  # gray [N, H, W] -> [N, H, W, 3]
+        return x.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(self.labels)  # [N, H, W, 3] -> [N, 3, H, W]
+
+
+class FileDataset(ImageDataset):
+    """A list of image files with labels (-1 when unlabelled)."""
+
+    def __init__(self, files, labels, num_classes):
+        self.files, self.labels, self.num_classes = files, labels, num_classes
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        return load_image(self.files[i]), self.labels[i]
+
+
+def _images_under(root):
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def scan_folder(root, require_classes=False):
+    """Images of a folder: with class subfolders (labelled) or flat / nested without classes (unlabelled)."""
+    if not os.path.exists(root):
+        raise UserError(f"data path {root} does not exist")
+    if not os.path.isdir(root):
+        raise UserError(f"data path {root} is not a folder")
+    if not os.listdir(root):
+        raise UserError(f"data path {root} is empty")
+    subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    top_files = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if subdirs and not top_files:  # class subfolders
+        files, labels, classes = [], [], []
+        for name in subdirs:
+            imgs = _images_under(os.path.join(root, name))
+            if imgs:
+                files += imgs
+                labels += [len(classes)] * len(imgs)
+                classes.append(name)
+        if files:
+            return FileDataset(files, labels, len(classes))
+    elif not require_classes:
+        files = _images_under(root)
+        if files:
+            return FileDataset(files, [-1] * len(files), 0)
+    if require_classes and top_files:
+        raise UserError(f"{root} holds images directly; expected one subfolder per class")
+    raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
+def _read_idx(path):
+    """An IDX file (MNIST format), optionally gzipped -> numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(root, folder, stem):
+    for d in (root, os.path.join(root, folder, "raw")):
+        for name in (stem, stem + ".gz"):
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def _mnist_like(name, train, root):
+    """MNIST / Fashion-MNIST from IDX files in `root` (e.g. Debian's /usr/share/datasets/fashion-mnist) or in
+    root/<Name>/raw; downloaded by torchvision when absent and online."""
+    import torchvision.datasets as tvd
+    cls, folder = (tvd.MNIST, "MNIST") if name == "mnist" else (tvd.FashionMNIST, "FashionMNIST")
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    paths = [_find_idx(root, folder, s) for s in stems]
+    if None in paths:
+        _download(lambda: cls(root, train=train, download=True), name, root)
+        paths = [_find_idx(root, folder, s) for s in stems]
+    return ArrayDataset(_read_idx(paths[0]), _read_idx(paths[1]), 10)
+
+
+def _download(make, name, root):
+    try:
+        return make()
+    except Exception as e:  # offline, a partial file, a full disk: say what to do
+        raise UserError(f"{name} is not under {root} and could not be downloaded ({type(e).__name__}: {e}); "
+                        f"put its files there or pass --data-path") from None
+
+
+def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=None):
+    """split: "pretrain" (the images pre-training sees), "train" (labelled, for probes), "val" (labelled).
+    Returns an ImageDataset, or None when the dataset has no such split (an unlabelled folder has no val)."""
+    import torchvision.datasets as tvd
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = data_path or "./data"
+    if name == "synthetic":
+        ds = SyntheticDataset(split, img_size)
+    elif name in ("imagenet", "folder"):
+        if not data_path:
+            raise UserError(f"--data {name} needs --data-path")
+        sub = {"pretrain": "train", "train": "train", "val": "val"}[split]
+        has_splits = os.path.isdir(os.path.join(data_path, "train"))
+        if name == "imagenet" or has_splits:
+            if not has_splits:
+                scan_folder(data_path)  # a missing or empty path gets its own message
+                raise UserError(f"{data_path} has no train/ folder (expected {data_path}/train/<class>/*.JPEG)")
+            if not os.path.isdir(os.path.join(data_path, sub)):
+                if name == "imagenet":
+                    raise UserError(f"{data_path} has no {sub}/ folder")
+                return None
+            ds = scan_folder(os.path.join(data_path, sub), require_classes=name == "imagenet")
+        elif split == "val":
+            return None  # a plain folder is all training data
+        else:
+            ds = scan_folder(data_path)
+        if split != "pretrain" and ds.num_classes == 0:
+            return None
+    elif name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        train = split != "val"
+        try:
+            raw = cls(root, train=train, download=False)
+        except RuntimeError:
+            raw = _download(lambda: cls(root, train=train, download=True), name, root)
+        ds = ArrayDataset(raw.data, raw.targets, len(raw.classes))
+    elif name == "stl10":
+        tv_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+        try:
+            raw = tvd.STL10(root, split=tv_split, download=False)
+        except RuntimeError:
+            raw = _download(lambda: tvd.STL10(root, split=tv_split, download=True), name, root)
+        ds = ArrayDataset(raw.data.transpose(0, 2, 3, 1), raw.labels, 10)  # [N, 3, H, W] -> [N, H, W, 3]
+        if split == "pretrain":
+            ds.labels = np.full(len(ds), -1)  # the unlabelled images carry -1; labels are unused in pre-training
+    else:  # mnist, fashion-mnist
+        ds = _mnist_like(name, split != "val", root)
+    if subset and subset < len(ds):
+        ds = _take_first(ds, subset)
+    ds.transform = transform
+    return ds
+
+
+def _take_first(ds, n):
+    """The first n images (smoke tests, quick experiments)."""
+    if isinstance(ds, SyntheticDataset):
+        ds.length = n
+    elif isinstance(ds, ArrayDataset):
+        ds.images, ds.labels = ds.images[:n], ds.labels[:n]
+    else:
+        ds.files, ds.labels = ds.files[:n], ds.labels[:n]
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                   transforms                                                       #
+# ---------------------------------------------------------------------------------------------------------------- #
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def pretrain_transform(img_size, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
+    """RandomResizedCrop + horizontal flip + ImageNet normalisation: the pre-training augmentation of MAE,
+    SimMIM and BEiT (each with its own crop scale and interpolation)."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=crop_scale, ratio=crop_ratio, interpolation=INTERPOLATION[interpolation]),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(img_size, native_size=0):
+    """Resize(img_size / 0.875) + CenterCrop for large images (the ImageNet protocol); images no larger than the
+    model input (CIFAR, MNIST) are only resized to it."""
+    if native_size and native_size <= img_size:
+        resize = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)]
+    else:
+        resize = [T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+                  T.CenterCrop(img_size)]
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def finetune_transform(img_size):
+    """Fine-tuning augmentation: RandomResizedCrop(0.08-1, bicubic) + flip + RandAugment(2 ops, magnitude 9).
+    official (MAE/SimMIM): timm rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, random erasing 0.25; we: torchvision's
+    RandAugment and no mixup/cutmix/erasing, to keep this a short readable monitor."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandAugment(num_ops=2, magnitude=9),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                      batch order: a function of (seed, epoch)                                      #
+# ---------------------------------------------------------------------------------------------------------------- #
+def epoch_order(n, seed, epoch, rank, world, shuffle=True):
+    """This rank's indices for an epoch: a permutation from (seed, epoch), cut to a multiple of the world size
+    and dealt out like DistributedSampler (rank r takes positions r, r + world, ...)."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    else:
+        order = torch.arange(n)
+    return order[: n - n % world][rank::world]  # [n // world]
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) keys for full batches of this rank, starting at batch `start_step` (resume)."""
+
+    def __init__(self, n, batch_size, seed, rank, world):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return (self.n // self.world // self.batch_size - self.start_step) * self.batch_size
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch, self.rank, self.world)
+        usable = len(order) // self.batch_size * self.batch_size
+        for i in order[self.start_step * self.batch_size: usable].tolist():
+            yield i, self.epoch
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                           the resident (on-device) path                                            #
+# ---------------------------------------------------------------------------------------------------------------- #
+def sample_resized_crops(n, height, width, scale, ratio, generator, device):
+    """torchvision's RandomResizedCrop.get_params for n images at once: up to 10 tries of (area fraction ~
+    U(scale), log aspect ~ U(log ratio)), the first crop that fits wins, else the central crop clamped to
+    `ratio`. Returns (top, left, crop_h, crop_w), each a float tensor [n]."""
+    area = height * width
+    tries = 10
+    target = area * torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=generator)  # [n, 10]
+    log_r = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))  # [n, 10]
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [n, 10]
+    first = ok.float().argmax(dim=1, keepdim=True)  # index of the first fitting try, [n, 1]
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)  # [n]
+    # fallback when no try fits: whole image, clamped to the aspect range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    any_ok = ok.any(dim=1)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    u = torch.rand(2, n, device=device, generator=generator)
+    top = torch.where(any_ok, torch.floor(u[0] * (height - h + 1)), (height - h) // 2)
+    left = torch.where(any_ok, torch.floor(u[1] * (width - w + 1)), (width - w) // 2)
+    return top, left, h, w
+
+
+def crop_resize_flip(images, top, left, crop_h, crop_w, flip, out_size, mode):
+    """Batched crop + resize (+ horizontal flip) with one grid_sample, pixel-centre aligned like a PIL resize of
+    the crop: output column u samples input x = left + (u + 0.5) * crop_w / out - 0.5 (mirrored when flipped).
+    images: float [B, C, H, W] -> [B, C, out, out]."""
+    B, _, H, W = images.shape
+    sx, sy = crop_w / W, crop_h / H  # half-extent of the crop in normalised coordinates, [B]
+    tx, ty = (2 * left + crop_w) / W - 1, (2 * top + crop_h) / H - 1  # centre of the crop, [B]
+    theta = torch.zeros(B, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, [B, 1, out_size, out_size], align_corners=False)  # [B, out, out, 2]
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+class ResidentData:
+    """The whole split as a uint8 tensor on the device; augmentation batched on the device.
+    Same distribution as `pretrain_transform` (tests/test_data.py checks crop statistics and flip rate).
+    official: PIL resize; we: bicubic grid_sample (cubic a=-0.75 vs PIL's -0.5), an upsampling-only path."""
+
+    def __init__(self, images, labels, batch_size, img_size, crop_scale, crop_ratio, interpolation, seed, rank,
+                 world, device):
+        self.images, self.labels = images.to(device), labels.to(device)  # uint8 [N, 3, H, W], [N]
+        self.batch_size, self.img_size, self.seed, self.rank, self.world = batch_size, img_size, seed, rank, world
+        self.crop_scale, self.crop_ratio, self.mode, self.device = crop_scale, crop_ratio, interpolation, device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.steps_per_epoch = len(images) // world // batch_size
+
+    def augment(self, images, generator):
+        B, _, H, W = images.shape
+        top, left, h, w = sample_resized_crops(B, H, W, self.crop_scale, self.crop_ratio, generator, self.device)
+        flip = torch.rand(B, device=self.device, generator=generator) < 0.5
+        x = (images.float() - self.mean) / self.std  # normalise first: border padding then repeats real pixels
+        return crop_resize_flip(x, top, left, h, w, flip, self.img_size, self.mode)
+
+    def epoch(self, epoch, start_step=0):
+        order = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world).to(self.device)
+        generator = torch.Generator(device=self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            idx = order[step * self.batch_size: (step + 1) * self.batch_size]  # [B]
+            generator.manual_seed(mix_seed(self.seed, epoch, step, self.rank))
+            yield self.augment(self.images[idx], generator), self.labels[idx]
+
+
+class LoaderData:
+    """The DataLoader path: worker processes decode and augment with `pretrain_transform`."""
+
+    def __init__(self, dataset, batch_size, seed, rank, world, workers, device):
+        dataset.seed = seed
+        self.sampler = EpochSampler(len(dataset), batch_size, seed, rank, world)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+        self.device = device
+        self.steps_per_epoch = len(dataset) // world // batch_size
+
+    def epoch(self, epoch, start_step=0):
+        self.sampler.set_epoch(epoch, start_step)
+        for imgs, labels in self.loader:
+            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def resident_fits(num_bytes, device):
+    """Hold a split on the device when it takes at most a quarter of the device's free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return False
+    return num_bytes <= free / 4
+
+
+def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print):
+    """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader."""
+    info = DATASETS[cfg.data]
+    ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset)
+    if len(ds) // dist.world_size < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ds)} images of {cfg.data}"
+                        + (f" split over {dist.world_size} processes" if dist.world_size > 1 else ""))
+    native = info.native_size or cfg.img_size
+    if cfg.resident and info.in_memory and native <= cfg.img_size:
+        nbytes = len(ds) * 3 * native * native
+        if resident_fits(nbytes, dist.device):
+            images, labels = ds.as_uint8()
+            log(f"data: {cfg.data}, {len(ds)} images resident on {dist.device} ({nbytes / 2**20:.0f} MiB), "
+                f"augmented in batches")
+            return ResidentData(images, labels, cfg.batch_size, cfg.img_size, crop_scale, crop_ratio, interpolation,
+                                cfg.seed, dist.rank, dist.world_size, dist.device)
+    ds.transform = pretrain_transform(cfg.img_size, crop_scale, crop_ratio, interpolation)
+    log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers")
+    return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)
+
+
+def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform=None):
+    """A fixed-order loader over a labelled split with the eval transform (all of it on every rank; evaluation
+    shards by itself). None when the dataset has no such labelled split."""
+    info = DATASETS[cfg.data]
+    ds = build_dataset(cfg.data, split, cfg.data_path, cfg.img_size, cfg.subset,
+                       transform or eval_transform(cfg.img_size, info.native_size))
+    if ds is None:
+        return None
+    return DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=False,
+                      num_workers=cfg.workers if workers is None else workers, pin_memory=dist.device.type == "cuda")
+
+
+def preview_images(cfg, dist, n=8):
+    """The first n images of the val split (or of the pre-training split), eval transform: [n, 3, H, W]."""
+    info = DATASETS[cfg.data]
+    transform = eval_transform(cfg.img_size, info.native_size)
+    ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform)
+    if ds is None:
+        ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform)
+    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])

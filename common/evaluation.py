@@ -1,0 +1,292 @@
+"""Evaluation of a pre-trained encoder: kNN and linear probe on frozen features (monitors), fine-tuning with
+layer-wise lr decay (the headline number of every MIM paper), and image grids.
+
+kNN and the linear probe are *monitors*: masked-image-modeling features are known to score low on them (MAE's kNN
+is about 11 % on ImageNet in lightly's benchmark, while it fine-tunes to 83.6 %). Both are reported for the cls
+token and for the mean of the patch tokens, next to the same numbers for the randomly initialised encoder.
+"""
+import copy
+import math
+import time
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Subset
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, finetune_transform
+from .training import barrier, cosine_lr, set_grad_sync, set_lr
+from .vit import layer_norm
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                   features                                                         #
+# ---------------------------------------------------------------------------------------------------------------- #
+def shard(loader, rank, world):
+    """The same loader over this rank's contiguous chunk of the dataset (chunks in rank order)."""
+    n = len(loader.dataset)
+    per = math.ceil(n / world)
+    part = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
+    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, generator=torch.Generator())
+
+
+@torch.no_grad()
+def extract_features(encoder, loader, run):
+    """Frozen features of a whole labelled split, computed in shards over the ranks and gathered on every rank.
+    Returns (cls token [N, D], mean of patch tokens [N, D], labels [N]), float32 on the device."""
+    was_training = encoder.training
+    encoder.eval()
+    cls_f, mean_f, labels = [], [], []
+    for imgs, y in shard(loader, run.dist.rank, run.dist.world_size):
+        with run.autocast():
+            tokens = encoder.forward_features(imgs.to(run.device, non_blocking=True))  # [B, 1+N, D]
+        cls_f.append(tokens[:, 0].float())
+        mean_f.append(tokens[:, 1:].float().mean(dim=1))
+        labels.append(y.to(run.device))
+    encoder.train(was_training)
+    dim = encoder.embed_dim
+    out = [torch.cat(cls_f) if cls_f else torch.zeros(0, dim, device=run.device),
+           torch.cat(mean_f) if mean_f else torch.zeros(0, dim, device=run.device),
+           torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=run.device)]
+    if run.dist.world_size > 1:
+        out = [gather_rows(t, run.dist.world_size) for t in out]
+    return out
+
+
+def gather_rows(t, world):
+    """Concatenate every rank's rows in rank order (chunks may differ in length: pad, gather, trim)."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch_dist.all_gather(sizes, n)
+    longest = int(max(sizes))
+    padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                kNN and linear probe                                                #
+# ---------------------------------------------------------------------------------------------------------------- #
+@torch.no_grad()
+def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted kNN on cosine similarity (InstDisc / DINO protocol): the k nearest training features vote for
+    their label with weight exp(similarity / T). Returns top-1 accuracy in %."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    k = min(k, len(train_x))
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        sim = test_x[start: start + chunk] @ train_x.T  # [b, N_train]
+        top_sim, top_idx = sim.topk(k, dim=1)  # [b, k]
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # [b, classes]
+        correct += (votes.argmax(1) == test_y[start: start + chunk]).sum().item()
+    return 100.0 * correct / max(len(test_x), 1)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=1024, blr=0.1, seed=0):
+    """The MAE linear-probe head on frozen features: BatchNorm1d without affine (eps 1e-6) + Linear (std 0.01),
+    SGD momentum 0.9, lr = blr x batch / 256 with 10 % warm-up then cosine, no weight decay.
+    official (MAE): LARS, 90 epochs over augmented images at batch 16384; we: plain SGD on features computed
+    once without augmentation (fast enough to run at every evaluation). Returns top-1 accuracy in %."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_x.shape[1], num_classes)).to(train_x.device)
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(head[1].weight.shape, generator=g) * 0.01)
+        head[1].bias.zero_()
+    batch_size = min(batch_size, len(train_x))
+    lr = blr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps = len(train_x) // batch_size
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+        for i in range(steps):
+            set_lr(opt, cosine_lr(epoch + i / steps, lr, 0.0, epochs / 10, epochs))
+            idx = order[i * batch_size: (i + 1) * batch_size]  # [b]
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        pred = torch.cat([head(test_x[s: s + 4096]).argmax(1) for s in range(0, len(test_x), 4096)])
+    return 100.0 * (pred == test_y).float().mean().item()
+
+
+def probe(encoder, train_loader, val_loader, num_classes, run):
+    """kNN and linear-probe accuracy (%) of one encoder, for the cls token and the mean-pooled patch tokens."""
+    tr_cls, tr_mean, tr_y = extract_features(encoder, train_loader, run)
+    va_cls, va_mean, va_y = extract_features(encoder, val_loader, run)
+    results = {}
+    if run.is_main:
+        for name, tr, va in (("cls", tr_cls, va_cls), ("mean", tr_mean, va_mean)):
+            results[f"knn_{name}"] = round(knn_accuracy(tr, tr_y, va, va_y, num_classes), 2)
+            results[f"linear_{name}"] = round(linear_probe(tr, tr_y, va, va_y, num_classes, seed=run.cfg.seed), 2)
+    return results
+
+
+def evaluate(encoder, random_encoder, run):
+    """Monitors of the encoder and of the same encoder at random initialisation, on the dataset's labelled
+    train/val split. Returns {} (and says so) for data without labels."""
+    cfg = run.cfg
+    train_loader = build_eval_loader(cfg, "train", run.dist)
+    val_loader = build_eval_loader(cfg, "val", run.dist)
+    if train_loader is None or val_loader is None:
+        run.log(f"evaluation skipped: {cfg.data} at {cfg.data_path} has no labelled train/ and val/ split")
+        return {}
+    t = time.perf_counter()
+    num_classes = train_loader.dataset.num_classes
+    results = {"pretrained": probe(encoder, train_loader, val_loader, num_classes, run),
+               "random_init": probe(random_encoder, train_loader, val_loader, num_classes, run)}
+    barrier()
+    if run.is_main:
+        p, r = results["pretrained"], results["random_init"]
+        run.log(f"eval ({time.perf_counter() - t:.0f}s): kNN cls {p['knn_cls']} / mean {p['knn_mean']}, linear cls "
+                f"{p['linear_cls']} / mean {p['linear_mean']}  (random init: kNN {r['knn_cls']} / {r['knn_mean']}, "
+                f"linear {r['linear_cls']} / {r['linear_mean']})")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                      fine-tuning with layer-wise lr decay                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+class Classifier(nn.Module):
+    """Encoder + head for fine-tuning. pool="mean" (MAE/SimMIM default, `global_pool`): mean of the patch tokens
+    before the final norm -> a new LayerNorm `fc_norm` -> head; the encoder's own final norm is unused.
+    pool="cls": the normalised cls token -> head."""
+
+    def __init__(self, encoder, num_classes, pool="mean"):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.fc_norm = layer_norm(encoder.embed_dim) if pool == "mean" else None
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: trunc_normal(2e-5) head, zero bias
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs):
+        enc = self.encoder
+        x = enc.run_blocks(enc.prepend_cls(enc.embed(imgs)))  # [B, 1+N, D]
+        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.pool == "mean" else enc.norm(x)[:, 0]  # [B, D]
+        return self.head(x)
+
+
+def layer_id(name, depth):
+    """MAE `util/lr_decay.py`: cls/pos/patch embedding -> 0, blocks.k -> k + 1, everything else (final norms,
+    head, the shared relative position bias) -> depth + 1."""
+    name = name.removeprefix("encoder.")
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model, weight_decay, layer_decay, no_decay=("encoder.cls_token", "encoder.pos_embed")):
+    """AdamW groups with lr_scale = layer_decay^(depth + 1 - layer id); no weight decay on 1-D parameters and on
+    cls/pos (timm's `no_weight_decay`)."""
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        wd = 0.0 if p.ndim == 1 or name in no_decay else weight_decay
+        group = groups.setdefault((lid, wd), {"params": [], "weight_decay": wd,
+                                              "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def finetune_recipe(model):
+    """MAE FINETUNE.md by size: layer decay 0.65 and drop path 0.1 up to base; 0.75 / 0.2 for large; 0.75 / 0.3
+    for huge. (blr 5e-4 for base, 1e-3 above; warm-up 5 of 100 epochs; label smoothing 0.1; AdamW 0.9/0.999.)"""
+    return {"vit_large": (0.75, 0.2, 1e-3), "vit_huge": (0.75, 0.3, 1e-3)}.get(model, (0.65, 0.1, 5e-4))
+
+
+def finetune(encoder, run, epochs, pool="mean"):
+    """Fine-tune a copy of the encoder on the labelled train split and return val top-1 (%) after the last
+    epoch (no best-epoch selection on val). Uses the pre-training batch size, precision and devices."""
+    cfg = run.cfg
+    train_loader = build_eval_loader(cfg, "train", run.dist, transform=finetune_transform(cfg.img_size))
+    val_loader = build_eval_loader(cfg, "val", run.dist)
+    if train_loader is None or val_loader is None:
+        run.log("fine-tuning skipped: no labelled train/ and val/ split")
+        return None
+    layer_decay, drop_path, blr = finetune_recipe(cfg.model)
+    encoder = copy.deepcopy(encoder).float().train()
+    encoder.requires_grad_(True)  # MAE fine-tunes the sin-cos table too (it becomes a learned embedding)
+    encoder.set_drop_path(drop_path)
+    model = Classifier(encoder, train_loader.dataset.num_classes, pool).to(run.device)
+    world = run.dist.world_size
+    lr = blr * cfg.batch_size * world / 256
+    opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=lr, betas=(0.9, 0.999))
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = torch.utils.data.DistributedSampler(train_loader.dataset, world, run.dist.rank, seed=cfg.seed,
+                                                  drop_last=True) if world > 1 else None
+    loader = DataLoader(train_loader.dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None,
+                        drop_last=True, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps = len(loader)
+    if steps == 0:
+        run.log("fine-tuning skipped: fewer labelled images than one batch")
+        return None
+    warmup = epochs * 0.05  # official: 5 of 100 epochs
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for i, (imgs, y) in enumerate(loader):
+            set_lr(opt, cosine_lr(epoch + i / steps, lr, 1e-6, warmup, epochs))
+            set_grad_sync(train_model, True)
+            with run.autocast():
+                loss = F.cross_entropy(train_model(imgs.to(run.device)), y.to(run.device), label_smoothing=0.1)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        run.log(f"fine-tune epoch {epoch}: loss {loss.item():.4f}")
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for imgs, y in shard(val_loader, run.dist.rank, world):
+            with run.autocast():
+                pred = model(imgs.to(run.device)).argmax(1)
+            correct += (pred == y.to(run.device)).sum().item()
+            total += len(y)
+    if world > 1:
+        counts = torch.tensor([correct, total], device=run.device, dtype=torch.float64)
+        torch_dist.all_reduce(counts)
+        correct, total = counts.tolist()
+    return round(100.0 * correct / max(total, 1), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                   image grids                                                      #
+# ---------------------------------------------------------------------------------------------------------------- #
+def denormalize(x):
+    """ImageNet-normalised [B, 3, H, W] -> [0, 1] for viewing."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+def save_image_grid(rows, path, caption, labels=None, scale=None):
+    """rows: list of [B, 3, H, W] images in [0, 1], drawn top to bottom (row names in `labels`), under a caption
+    that says how they were made. Small images are upscaled (nearest) so the grid is readable."""
+    B, _, H, W = rows[0].shape
+    scale = scale or max(1, 96 // H)
+    pad, label_w, caption_h = 2, 110, 14 * (caption.count("\n") + 1) + 6
+    grid = Image.new("RGB", (label_w + B * (W * scale + pad), caption_h + len(rows) * (H * scale + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), caption, fill="black")
+    for r, row in enumerate(rows):
+        y0 = caption_h + r * (H * scale + pad)
+        if labels:
+            draw.text((4, y0 + H * scale // 2 - 5), labels[r], fill="black")
+        arr = (row.detach().float().cpu().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for b in range(B):
+            tile = Image.fromarray(arr[b]).resize((W * scale, H * scale), Image.NEAREST)
+            grid.paste(tile, (label_w + b * (W * scale + pad), y0))
+    grid.save(path)

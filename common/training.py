@@ -1,0 +1,575 @@
+"""Training utilities shared by every method: config, distributed setup, lr schedule, optimizer groups, precision,
+compile, checkpoints, logging, and the reliability pieces (exact resume, preemption, non-finite guard).
+
+The training loop itself stays in each method's main(); `Run` holds the state that loop needs around it.
+"""
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import UserError
+from .data import DATASETS, mix_seed
+from .vit import VIT_SIZES
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      config                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+@dataclass
+class TrainConfig:
+    """Flags every method accepts. A method subclasses this with its own fields and paper defaults; the comment
+    after each field is its --help text. Fields not given on the command line come from the method's preset for
+    the dataset's scale (demo / small / medium / imagenet), then from these defaults."""
+    lr_batch_div: typing.ClassVar[int] = 256  # lr = blr x global batch / this (SimMIM uses 512)
+
+    data: str = "synthetic"  # dataset: synthetic, imagenet, folder, cifar10, cifar100, stl10, mnist, fashion-mnist
+    data_path: str = ""  # dataset root (imagenet/folder: train/ and val/ class folders; torchvision sets: their files)
+    out: str = ""  # output folder (default runs/<method>-<data>-<time>)
+    model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large, vit_huge (vit_nano, vit_micro: tests, demo)
+    img_size: int = 224  # input resolution in pixels
+    patch_size: int = 0  # ViT patch size (0 = the model's default: 16, or 14 for vit_huge)
+    epochs: int = 800  # pre-training epochs
+    batch_size: int = 64  # images per process per step
+    accum_iter: int = 1  # micro-steps per optimizer step (global batch = batch-size x processes x accum-iter)
+    blr: float = 1.5e-4  # base learning rate, scaled by global batch / 256
+    lr: typing.Optional[float] = None  # absolute learning rate (overrides --blr)
+    min_lr: float = 0.0  # floor of the cosine schedule
+    warmup_epochs: float = 40  # linear warm-up from 0, in (fractional) epochs
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, position tables)
+    clip_grad: typing.Optional[float] = None  # clip the global gradient norm to this (none by default)
+    amp: str = "auto"  # precision: bf16, fp16, fp32, auto (bf16 where fast, else fp16 on CUDA, fp32 on CPU)
+    compile: typing.Optional[bool] = None  # torch.compile the model (default: on for CUDA, off for CPU)
+    workers: int = 8  # DataLoader worker processes (the resident path uses none)
+    resident: bool = True  # hold small datasets on the device and augment in batches (--no-resident: DataLoader)
+    seed: int = 0  # seed of init, data order, augmentation and masks
+    resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
+    eval_only: bool = False  # only evaluate the --resume checkpoint
+    eval_every: int = 0  # evaluate (kNN + linear probe) every N epochs, 0 = only at the end
+    finetune_epochs: int = 0  # after pre-training, fine-tune the encoder for N epochs and report top-1
+    max_steps: int = 0  # stop after this many steps in total (smoke tests), 0 = no cap
+    ckpt_every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
+    log_every: int = 20  # progress/log every N steps (a host sync)
+    subset: int = 0  # use only the first N images of each split (quick experiments), 0 = all
+    device: str = ""  # cpu, cuda, cuda:1 (default: cuda when available)
+
+    def check(self):
+        """Reject bad values with one clear line. Subclasses add their own checks and call this."""
+        if self.data not in DATASETS:
+            raise UserError(f"unknown dataset {self.data!r}; choose from {', '.join(DATASETS)}")
+        if self.model not in VIT_SIZES:
+            raise UserError(f"unknown model {self.model!r}; choose from {', '.join(VIT_SIZES)}")
+        if self.amp not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"unknown --amp {self.amp!r}; choose from auto, bf16, fp16, fp32")
+        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("patch_size", "workers", "max_steps", "ckpt_every_steps", "subset", "eval_every",
+                     "finetune_epochs", "warmup_epochs", "weight_decay", "min_lr"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise UserError("the learning rate must be positive")
+        if self.img_size % self.patch_size:
+            raise UserError(f"--img-size {self.img_size} is not divisible by --patch-size {self.patch_size}")
+        if self.eval_only and not self.resume:
+            raise UserError("--eval-only needs --resume PATH (or auto)")
+
+
+def field_help(cls):
+    """The trailing comment of each dataclass field, read from the source: the config is its own --help."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(klass), re.M):
+                helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(cls, description):
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        text = helps.get(f.name, "") + (f" [default: {f.default}]" if f.default not in (None, "") else "")
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(*flags, dest=f.name, type=kind, help=text, metavar=kind.__name__.upper())
+    return parser
+
+
+def parse_config(cls, presets, argv=None, description=None):
+    """Command line -> config. Precedence: command line > the method's preset for the dataset's scale > defaults.
+    Returns (config, the preset fields that were applied)."""
+    given = vars(build_parser(cls, description).parse_args(argv))
+    data = given.get("data", cls.data)
+    if data not in DATASETS:
+        raise UserError(f"unknown dataset {data!r}; choose from {', '.join(DATASETS)}")
+    preset = {k: v for k, v in presets.get(DATASETS[data].scale, {}).items() if k not in given}
+    cfg = cls(**{**preset, **given})
+    if cfg.model in VIT_SIZES and not cfg.patch_size:
+        cfg.patch_size = VIT_SIZES[cfg.model][3]
+    cfg.check()
+    return cfg, preset
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                         schedule, optimizer groups, precision                                      #
+# ---------------------------------------------------------------------------------------------------------------- #
+def cosine_lr(epoch, peak_lr, min_lr, warmup_epochs, epochs):
+    """Per-iteration schedule of the official MAE (`util/lr_sched.py`): `epoch` is fractional (step / steps per
+    epoch + epoch); linear warm-up from exactly 0, then a half cosine from the peak down to min_lr."""
+    if epoch < warmup_epochs:
+        return peak_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    """Write lr into every group (times the group's layer-decay `lr_scale`, when it has one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def param_groups(model, weight_decay, no_decay=()):
+    """Two AdamW groups as timm's `add_weight_decay`: no decay on 1-D parameters (norms, layer scales) and biases
+    and on the names in `no_decay`; frozen parameters (fixed sin-cos tables) are left out entirely."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if p.ndim <= 1 or name.endswith(".bias") or name in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def cpu_has_fast_bf16():
+    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 (4x on our 2-core machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_amp(amp, device):
+    """--amp -> torch dtype for autocast (None = fp32)."""
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if cpu_has_fast_bf16() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def set_grad_sync(model, sync):
+    """DDP: all-reduce gradients in the next backward only when `sync` (the last micro-step of an accumulation);
+    the flag nanoGPT toggles instead of wrapping the step in `no_sync()`. No-op without DDP."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                    distributed                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=""):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU). A no-op for a
+    plain `python script.py`."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is available")
+        torch.cuda.set_device(device)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, device)
+
+
+def barrier():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                    checkpoints                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash at any point
+    leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_file(path, what="checkpoint"):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle that is not plain data
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def rng_state():
+    """Python, numpy, torch and CUDA generator states, as plain tensors and tuples (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                 reliability pieces                                                 #
+# ---------------------------------------------------------------------------------------------------------------- #
+class Preempted(Exception):
+    """Raised after a stop signal was honoured and the checkpoint written: the script exits 0."""
+
+
+class NonFiniteError(Exception):
+    """The loss or the gradients stopped being finite: the script exits 1 and keeps the last good checkpoint."""
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C): the first asks the loop to finish its step, save and exit;
+    a second one exits at once."""
+
+    def __init__(self, log):
+        self.requested, self.log = False, log
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # second signal: restore the default action and re-deliver it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        self.log(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                 f"(send it again to exit at once)")
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down after saving."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class NonFiniteGuard:
+    """Remembers on the device the first step whose loss (or gradient norm) was not finite, without a host sync;
+    `check()` (on log steps and before every checkpoint) raises NonFiniteError naming that step."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, step, *values):
+        bad = torch.stack([~torch.isfinite(v.detach().float()).all() for v in values]).any()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self):
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteError(step)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                     the run                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+class Run:
+    """What the training loop needs around it: distributed setup, device, precision, output folder, logging,
+    checkpoints (atomic, resumable, every epoch and every --ckpt-every-steps), the stop-signal handler and the
+    non-finite guard. Only rank 0 writes files."""
+
+    def __init__(self, cfg, method, preset=None):
+        self.cfg, self.method = cfg, method
+        self.dist = setup_distributed(cfg.device)
+        self.device, self.is_main = self.dist.device, self.dist.is_main
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        if self.amp_dtype == torch.float16 and self.device.type != "cuda":
+            raise UserError("--amp fp16 needs CUDA; use bf16 or fp32 on the CPU")
+        if cfg.compile is None:
+            cfg.compile = self.device.type == "cuda"
+        self.global_batch = cfg.batch_size * self.dist.world_size * cfg.accum_iter
+        if cfg.lr is None:
+            cfg.lr = cfg.blr * self.global_batch / cfg.lr_batch_div
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.out = Path(cfg.out or f"runs/{method}-{cfg.data}-{stamp}")
+        cfg.out = str(self.out)
+        self.ckpt_path = self.out / "checkpoint.pth"
+        self.check_out_dir()
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.preset = preset or {}
+        self.stop = StopSignal(self.log)
+        self.guard = NonFiniteGuard(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.model = self.optimizer = None
+        self.global_step, self.done, self.bar, self.log_file, self.last_loss = 0, False, None, None, None
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def check_out_dir(self):
+        """Refuse an --out that is a file, not writable, or that holds another run (unless resuming it)."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder")
+        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out} is not writable")
+        if self.ckpt_path.exists() and not self.cfg.resume:
+            raise UserError(f"{out} already holds a run; pass --resume auto to continue it or choose another --out")
+
+    def log(self, msg):
+        if self.is_main:
+            tqdm.write(msg)  # prints above a running progress bar
+
+    def start(self, model, optimizer):
+        """Register what checkpoints hold, restore a --resume checkpoint, write config.json. Returns the
+        (epoch, step) to start from: (0, 0) for a fresh run."""
+        self.model, self.optimizer = model, optimizer
+        epoch, step = 0, 0
+        if self.cfg.resume == "auto" and not self.ckpt_path.exists() and not self.cfg.eval_only:
+            self.log(f"--resume auto: no {self.ckpt_path} yet, starting a new run")  # a requeued job's first start
+        elif self.cfg.resume:
+            epoch, step = self.load(self.ckpt_path if self.cfg.resume == "auto" else Path(self.cfg.resume))
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+            self.log_file = open(self.out / "log.jsonl", "a")
+        if self.preset:
+            self.log(f"preset for {self.cfg.data}: " + ", ".join(f"{k}={v}" for k, v in self.preset.items()))
+        self.log("config: " + json.dumps(asdict(self.cfg)))
+        self.log(f"{self.dist.world_size} process(es) on {self.device}, precision {self.cfg.amp} -> "
+                 f"{self.amp_dtype or torch.float32}, global batch {self.global_batch}, lr {self.cfg.lr:.3g}")
+        return epoch, step
+
+    def wrap(self, model):
+        """torch.compile (--compile) then DDP (when launched by torchrun): the module the loop calls."""
+        if self.cfg.compile:
+            t = time.perf_counter()
+            model = torch.compile(model)
+            self.log(f"torch.compile wrapped the model in {time.perf_counter() - t:.1f}s "
+                     f"(compilation happens in the first steps)")
+        if self.dist.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def step_generator(self, step):
+        """A generator seeded from (seed, rank, step): masks are a function of the step, so resume is exact."""
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(mix_seed(self.cfg.seed, self.dist.rank, step))
+
+    # ---- bookkeeping around the loop ---------------------------------------------------------------------------
+    def start_epoch(self, epoch, start_step, steps_per_epoch):
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch_loss = torch.zeros((), device=self.device)
+        self.epoch_steps, self.epoch_t0 = 0, time.perf_counter()
+        self.last_log_t, self.last_log_step = time.perf_counter(), epoch * steps_per_epoch + start_step
+        self.bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not self.is_main,
+                        dynamic_ncols=True, leave=False)
+        self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation of the previous epoch is discarded
+
+    def end_of_step(self, epoch, step, loss, lr, grad_norm=None):
+        """After micro-step `step` of `epoch`: progress and log (host sync only every --log-every steps), the
+        non-finite guard, step checkpoints, the stop signal and --max-steps. Returns True when training ends."""
+        cfg = self.cfg
+        it = epoch * self.steps_per_epoch + step  # global micro-step
+        self.global_step = it + 1
+        checked = [loss] + ([grad_norm] if grad_norm is not None and not self.scaler.is_enabled() else [])
+        self.guard.update(it, *checked)
+        self.epoch_loss += loss.detach().float()
+        self.epoch_steps += 1
+        self.bar.update(1)
+        if self.global_step % cfg.log_every == 0:
+            self.log_step(it, loss, lr)
+        boundary = (step + 1) % cfg.accum_iter == 0 or step + 1 == self.steps_per_epoch
+        if not boundary:
+            return False
+        stop = self.stop_requested()
+        self.done = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
+        if stop or self.done or (cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0):
+            self.save(epoch, step + 1)
+        if stop:
+            self.log(f"stopped by signal after step {it}; checkpoint saved to {self.ckpt_path}. "
+                     f"Continue with --resume auto --out {self.out}")
+            barrier()
+            raise Preempted()
+        return self.done
+
+    def log_step(self, it, loss, lr):
+        self.guard.check()
+        loss = loss.item()  # the host sync of this step
+        now = time.perf_counter()
+        imgs_per_s = (it + 1 - self.last_log_step) * self.cfg.batch_size * self.dist.world_size / (now - self.last_log_t)
+        self.last_log_t, self.last_log_step = now, it + 1
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}")
+        self.write_log(kind="step", step=it, loss=loss, lr=lr, img_per_s=round(imgs_per_s, 1))
+
+    def stop_requested(self):
+        """The stop signal, agreed by all ranks (every --log-every steps under DDP so no rank waits on another)."""
+        if self.dist.world_size == 1:
+            return self.stop.requested
+        if self.global_step % self.cfg.log_every:
+            return False
+        flag = torch.tensor(float(self.stop.requested), device=self.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def end_of_epoch(self, epoch, **extra):
+        """Epoch summary line in log.jsonl, then the epoch checkpoint."""
+        self.guard.check()
+        seconds = time.perf_counter() - self.epoch_t0
+        loss = self.last_loss = (self.epoch_loss / max(self.epoch_steps, 1)).item()
+        imgs = self.epoch_steps * self.cfg.batch_size * self.dist.world_size
+        self.bar.close()
+        self.bar = None
+        self.log(f"epoch {epoch}: loss {loss:.4f}, {imgs / seconds:.1f} img/s, {seconds:.1f}s")
+        self.write_log(kind="epoch", epoch=epoch, loss=loss, img_per_s=round(imgs / seconds, 1),
+                       seconds=round(seconds, 2), **extra)
+        self.save(epoch + 1, 0)
+
+    def write_log(self, **record):
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def save(self, epoch, step):
+        """Checkpoint with everything exact resume needs, at (epoch, step) = where training continues.
+        Never writes a diverged model: the guard is checked first."""
+        self.guard.check()
+        if step == self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        if not self.is_main:
+            return
+        t = time.perf_counter()
+        atomic_save({
+            "method": self.method, "config": asdict(self.cfg), "epoch": epoch, "step": step,
+            "global_step": self.global_step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+        }, self.ckpt_path)
+        self.write_log(kind="checkpoint", epoch=epoch, step=step, seconds=round(time.perf_counter() - t, 3))
+
+    def load(self, path):
+        ckpt = load_file(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "method" not in ckpt:
+            raise UserError(f"{path} is not a checkpoint of this project")
+        if ckpt["method"] != self.method:
+            raise UserError(f"{path} is a {ckpt['method']} checkpoint; this is {self.method}")
+        saved = ckpt["config"]
+        for key in ("model", "img_size", "patch_size"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise UserError(f"{path} holds a {saved.get('model')} model at img {saved.get('img_size')}, patch "
+                                f"{saved.get('patch_size')}; this run builds {self.cfg.model} at img {self.cfg.img_size}"
+                                f", patch {self.cfg.patch_size} (set --model/--img-size/--patch-size to match)")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+        if not self.cfg.eval_only:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+        self.global_step = ckpt["global_step"]
+        self.log(f"resumed {path}: epoch {ckpt['epoch']}, step {ckpt['step']} (global step {self.global_step})")
+        return ckpt["epoch"], ckpt["step"]
+
+    def save_file(self, obj, name):
+        """A rank-0 output file (encoder.pth, ...), written atomically."""
+        if self.is_main:
+            atomic_save(obj, self.out / name)
+
+    def write_json(self, name, obj):
+        if self.is_main:
+            (self.out / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def cli(main):
+    """Run a method's main(): bad input -> one line + exit 2; stop signal -> exit 0 after the checkpoint;
+    divergence -> exit 1 with the step and the usual cure."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted:
+        sys.exit(0)
+    except NonFiniteError as e:
+        print(f"error: the loss or gradient became non-finite at step {e.args[0]}; the last good checkpoint was "
+              f"kept. Try --amp fp32, a lower --blr/--lr, or --clip-grad, then --resume auto.", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
