@@ -295,7 +295,7 @@ def main():
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 run.write_log(kind="eval", epoch=epoch, **evaluate(model.encoder, random_init_encoder(cfg, run.device),
                                                                    run))
-        run.log(f"pre-training done in {time.perf_counter() - t0:.0f}s")
+        run.finish_training(time.perf_counter() - t0)
 
     results = {"method": "mae", "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
                "final_loss": run.last_loss,

@@ -13,6 +13,7 @@ Two training pipelines, same augmentation distribution:
 import gzip
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,12 @@ DATASETS = {
     "mnist": DatasetInfo(28, "small", True),
     "fashion-mnist": DatasetInfo(28, "small", True),
 }
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def mix_seed(*values):
@@ -499,7 +506,12 @@ def crop_resize_flip(images, top, left, crop_h, crop_w, flip, out_size, mode):
     theta[:, 0, 2] = tx
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, [B, 1, out_size, out_size], align_corners=False)  # [B, out, out, 2]
+    grid = F.affine_grid(theta, [B, 1, out_size, out_size], align_corners=False)  # [B, out, out, 2] as (x, y)
+    # clamp to the centres of the crop's edge pixels, as resizing a cropped image does (exact for bilinear; a
+    # bicubic tap at the very edge still reads one pixel beyond the crop)
+    lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], dim=1).view(B, 1, 1, 2)
+    hi = torch.stack([(2 * (left + crop_w) - 1) / W - 1, (2 * (top + crop_h) - 1) / H - 1], dim=1).view(B, 1, 1, 2)
+    grid = torch.maximum(torch.minimum(grid, hi.to(grid.dtype)), lo.to(grid.dtype))
     return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
@@ -539,8 +551,10 @@ class LoaderData:
     def __init__(self, dataset, batch_size, seed, rank, world, workers, device):
         dataset.seed = seed
         self.sampler = EpochSampler(len(dataset), batch_size, seed, rank, world)
+        # own generator: creating the iterator draws worker seeds from it, not from the global RNG (exact resume)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
+                                 worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
         self.device = device
         self.steps_per_epoch = len(dataset) // world // batch_size
 
@@ -591,8 +605,9 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
                        transform or eval_transform(cfg.img_size, info.native_size))
     if ds is None:
         return None
-    return DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=False,
-                      num_workers=cfg.workers if workers is None else workers, pin_memory=dist.device.type == "cuda")
+    return DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=False, worker_init_fn=ignore_stop_signals,
+                      num_workers=cfg.workers if workers is None else workers, pin_memory=dist.device.type == "cuda",
+                      generator=torch.Generator())
 
 
 def preview_images(cfg, dist, n=8):

@@ -30,7 +30,7 @@ def shard(loader, rank, world):
     per = math.ceil(n / world)
     part = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
     return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, generator=torch.Generator())
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, generator=torch.Generator())
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -318,12 +319,6 @@ class StopSignal:
                  f"(send it again to exit at once)")
 
 
-def ignore_stop_signals(worker_id=None):
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down after saving."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class NonFiniteGuard:
     """Remembers on the device the first step whose loss (or gradient norm) was not finite, without a host sync;
     `check()` (on log steps and before every checkpoint) raises NonFiniteError naming that step."""
@@ -382,15 +377,18 @@ class Run:
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder")
-        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out} is not writable")
+        probe = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+        try:  # try it rather than trust os.access (which says yes to root on read-only file systems)
+            tempfile.TemporaryFile(dir=probe).close()
+        except OSError:
+            raise UserError(f"--out {out} is not writable") from None
         if self.ckpt_path.exists() and not self.cfg.resume:
             raise UserError(f"{out} already holds a run; pass --resume auto to continue it or choose another --out")
 
     def log(self, msg):
         if self.is_main:
             tqdm.write(msg)  # prints above a running progress bar
+            sys.stdout.flush()  # reach a piped log (SLURM, tee) now, not at exit
 
     def start(self, model, optimizer):
         """Register what checkpoints hold, restore a --resume checkpoint, write config.json. Returns the
@@ -504,6 +502,22 @@ class Run:
         if self.log_file is not None:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+
+    def finish_training(self, seconds):
+        """End of pre-training: under DDP, check that every rank ended with the same parameters (a silent
+        desync would otherwise only show as worse numbers); log it."""
+        identical = True
+        if self.dist.world_size > 1:
+            sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                                for p in self.model.parameters()])  # [num tensors, 2], a fingerprint per tensor
+            gathered = [torch.empty_like(sums) for _ in range(self.dist.world_size)]
+            torch_dist.all_gather(gathered, sums)
+            identical = all(torch.equal(g, gathered[0]) for g in gathered)
+            self.log(f"DDP check: parameters {'identical' if identical else 'DIFFERENT'} on "
+                     f"{self.dist.world_size} ranks")
+        self.write_log(kind="done", global_step=self.global_step, seconds=round(seconds, 1),
+                       world_size=self.dist.world_size, replicas_identical=identical)
+        self.log(f"pre-training done in {seconds:.0f}s")
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, epoch, step):

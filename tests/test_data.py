@@ -1,0 +1,91 @@
+"""The resident (on-device, batched) augmentation against torchvision's PIL pipeline, and the two training paths."""
+import math
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision import transforms as T
+
+from common.data import (LoaderData, ResidentData, SyntheticDataset, crop_resize_flip, epoch_order, pretrain_transform,
+                         sample_resized_crops)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("size,scale", [((32, 32), (0.2, 1.0)), ((28, 40), (0.67, 1.0)), ((96, 64), (0.08, 1.0))])
+def test_crop_statistics_match_torchvision(size, scale):
+    """Area fraction, log aspect ratio and crop centre have the distribution of RandomResizedCrop.get_params."""
+    H, W = size
+    ratio = (3 / 4, 4 / 3)
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    top, left, h, w = sample_resized_crops(n, H, W, scale, ratio, g, CPU)
+    ours = torch.stack([h * w / (H * W), torch.log(w / h), (top + h / 2) / H, (left + w / 2) / W], 1)
+    torch.manual_seed(0)
+    img = torch.zeros(3, H, W)
+    ref = torch.tensor([[hh * ww / (H * W), math.log(ww / hh), (i + hh / 2) / H, (j + ww / 2) / W]
+                        for i, j, hh, ww in (T.RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n))])
+    assert torch.all((h >= 1) & (h <= H) & (w >= 1) & (w <= W) & (top >= 0) & (left >= 0))
+    assert torch.all((top + h <= H) & (left + w <= W))  # every crop lies inside the image
+    # mean and spread agree to within a few standard errors
+    se = ref.std(0) / math.sqrt(n)
+    assert torch.all((ours.mean(0) - ref.mean(0)).abs() < 5 * se + 1e-3), (ours.mean(0), ref.mean(0))
+    assert torch.all((ours.std(0) / ref.std(0) - 1).abs() < 0.05), (ours.std(0), ref.std(0))
+    for q in (0.1, 0.5, 0.9):
+        assert torch.allclose(ours.quantile(q, 0), ref.quantile(q, 0), atol=0.03)
+
+
+def test_flip_rate_and_identity_crop():
+    images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8)
+    data = ResidentData(images, torch.zeros(400), 400, 8, (1.0, 1.0), (1.0, 1.0), "bilinear", 0, 0, 1, CPU)
+    out, _ = next(data.epoch(0))
+    x = (images.float() - data.mean) / data.std
+    src = x[epoch_order(400, 0, 0, 0, 1)]
+    same = torch.isclose(out, src, atol=1e-4).flatten(1).all(1)
+    flipped = torch.isclose(out, src.flip(-1), atol=1e-4).flatten(1).all(1)
+    assert torch.all(same ^ flipped)  # the whole image, either as is or mirrored
+    assert 0.4 < flipped.float().mean() < 0.6
+
+
+def test_crop_resize_matches_tensor_resized_crop():
+    """One grid_sample = crop + bilinear resize with the same pixel-centre convention as torchvision's resize."""
+    torch.manual_seed(0)
+    img = torch.rand(1, 3, 20, 30)
+    top, left, h, w = torch.tensor([3.0]), torch.tensor([5.0]), torch.tensor([10.0]), torch.tensor([12.0])
+    ours = crop_resize_flip(img, top, left, h, w, torch.tensor([False]), 24, "bilinear")
+    ref = TF.resized_crop(img, 3, 5, 10, 12, [24, 24], T.InterpolationMode.BILINEAR, antialias=False)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    flipped = crop_resize_flip(img, top, left, h, w, torch.tensor([True]), 24, "bilinear")
+    assert torch.allclose(flipped, ref.flip(-1), atol=1e-5)
+
+
+def test_resident_and_loader_paths_agree_in_distribution():
+    """Both pipelines give normalised batches of the same shape and similar per-channel statistics."""
+    ds = SyntheticDataset("pretrain", 32)
+    ds.length = 256
+    images, labels = ds.as_uint8()
+    resident = ResidentData(images, labels, 64, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, CPU)
+    ds.transform = pretrain_transform(32, (0.2, 1.0))
+    loader = LoaderData(ds, 64, 0, 0, 1, 0, CPU)
+    a = torch.cat([x for x, _ in resident.epoch(0)])
+    b = torch.cat([x for x, _ in loader.epoch(0)])
+    assert a.shape == b.shape == (256, 3, 32, 32)
+    assert torch.allclose(a.mean((0, 2, 3)), b.mean((0, 2, 3)), atol=0.1)
+    assert torch.allclose(a.std((0, 2, 3)), b.std((0, 2, 3)), rtol=0.1)
+    # same images in the same order: labels agree batch by batch
+    la = torch.cat([y for _, y in resident.epoch(0)])
+    lb = torch.cat([y for _, y in loader.epoch(0)])
+    assert torch.equal(la, lb)
+
+
+def test_loader_path_is_reproducible_per_epoch_and_resumable():
+    ds = SyntheticDataset("pretrain", 16)
+    ds.length = 48
+    ds.transform = pretrain_transform(16, (0.2, 1.0))
+    loader = LoaderData(ds, 8, 0, 0, 1, 0, CPU)
+    e1 = [x for x, _ in loader.epoch(1)]
+    again = [x for x, _ in loader.epoch(1)]
+    resumed = [x for x, _ in loader.epoch(1, start_step=3)]
+    assert all(torch.equal(a, b) for a, b in zip(e1, again))
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(e1[3:], resumed))
+    assert not torch.equal(e1[0], next(iter(loader.epoch(2)))[0])

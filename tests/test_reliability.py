@@ -1,0 +1,297 @@
+"""Reliability: exact resume, atomic checkpoints, preemption by signal, the non-finite guard, bad input, DDP."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mae
+from common.training import atomic_save, cli
+from conftest import ROOT, TINY, read_log, run_script
+
+MAE_TINY = TINY + ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("stop_at", [6, 4])  # mid-epoch (4 steps per epoch) and at an epoch boundary
+def test_exact_resume(tmp_path, stop_at):
+    """K steps in one go == k steps, stop, resume to K: bitwise the same per-step losses and final weights."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", "10", "--out", full)
+    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", stop_at, "--out", part)
+    ckpt = load(part / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (stop_at // 4, stop_at % 4, stop_at)
+    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", "10", "--out", part, "--resume", "auto")
+    losses_full = {s["step"]: s["loss"] for s in read_log(full, "step")}
+    losses_part = {s["step"]: s["loss"] for s in read_log(part, "step")}  # both segments, one log
+    assert sorted(losses_part) == list(range(10))
+    assert losses_part == losses_full
+    a, b = load(full / "checkpoint.pth"), load(part / "checkpoint.pth")
+    assert a["global_step"] == b["global_step"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+def test_checkpoint_contents(tmp_path):
+    out = tmp_path / "run"
+    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out, "--ckpt-every-steps", "2")
+    ckpt = load(out / "checkpoint.pth")  # weights_only: plain tensors and containers only
+    assert {"method", "config", "epoch", "step", "global_step", "model", "optimizer", "scaler", "rng"} <= set(ckpt)
+    assert ckpt["method"] == "mae" and ckpt["config"]["model"] == "vit_nano"
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    saved = [c for c in read_log(out, "checkpoint")]
+    assert [(c["epoch"], c["step"]) for c in saved] == [(0, 2), (1, 0), (1, 0)]  # step 2, step 4 = epoch end
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"w": torch.arange(5)}, path)
+    before = path.read_bytes()
+
+    def torn_save(obj, f):  # writes half a file, then the disk "fills up"
+        f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        atomic_save({"w": torch.zeros(5)}, path)
+    assert path.read_bytes() == before
+    assert torch.equal(load(path)["w"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+# ------------------------------------------------------------------------------------------------------- preemption
+def start(out, *extra):
+    return subprocess.Popen([sys.executable, str(ROOT / "mae.py"), *MAE_TINY, "--epochs", "1000", "--out", str(out),
+                             *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc, out, n, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        if (out / "log.jsonl").exists() and len(read_log(out, "step")) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not start")
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for_steps(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "received SIGTERM" in stdout + stderr and "--resume auto" in stdout + stderr
+    ckpt = load(out / "checkpoint.pth")
+    done = len(read_log(out, "step"))
+    assert ckpt["global_step"] == done  # the step in flight was finished, and it is in the checkpoint
+    assert (ckpt["epoch"], ckpt["step"]) == (done // 4, done % 4)
+    run_script("mae.py", *MAE_TINY, "--epochs", "1000", "--out", out, "--resume", "auto", "--max-steps", done + 2)
+    assert [s["step"] for s in read_log(out, "step")] == list(range(done + 2))
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """The first signal waits for the end of the accumulation (64 micro-steps here); a second exits at once."""
+    out = tmp_path / "run"
+    proc = start(out, "--batch-size", "1", "--accum-iter", "64")
+    wait_for_steps(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # wait until the handler has seen the first one (signals do not queue)
+        if "received SIGINT" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # killed by the re-delivered signal
+    assert not (out / "checkpoint.pth").exists()  # it did not wait to save
+
+
+# ------------------------------------------------------------------------------------------------ non-finite guard
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    good = (out / "checkpoint.pth").read_bytes()
+    proc = run_script("mae.py", *MAE_TINY, "--epochs", "3", "--out", out, "--resume", "auto", "--lr", "1e30",
+                      check=False)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "non-finite at step" in err or "non-finite" in err
+    assert "--amp fp32" in err and "Traceback" not in proc.stderr
+    step = int(err.split("step ")[1].split(";")[0])
+    assert step >= 4  # the resumed run diverged after the good epoch
+    assert (out / "checkpoint.pth").read_bytes() == good
+    assert all(torch.isfinite(v).all() for v in load(out / "checkpoint.pth")["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
+def run_main(argv, capsys):
+    """mae.py's cli(main) in this process: (exit code, stderr)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = sys.argv
+    sys.argv = ["mae.py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli(mae.main)
+    finally:
+        sys.argv = old
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return e.value.code, capsys.readouterr().err
+
+
+def image_folder(root, n=4, size=(20, 20), bad=None):
+    """A folder/<class>/ tree of valid PNGs, plus the file `bad` (name, bytes) when given."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    if bad:
+        (root / "a" / bad[0]).write_bytes(bad[1])
+    return root
+
+
+def truncated_png(tmp_path):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8) + 100).save(tmp_path / "x.png")
+    return (tmp_path / "x.png").read_bytes()[:60]
+
+
+BAD_INPUTS = [
+    (["--data", "folder", "--data-path", "/nonexistent/images"], "does not exist"),
+    (["--data", "imagenet"], "needs --data-path"),
+    (["--img-size", "18", "--patch-size", "4"], "not divisible by --patch-size"),
+    (["--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
+    (["--mask-ratio", "1"], "--mask-ratio must be in (0, 1)"),
+    (["--mask-ratio", "-0.2"], "--mask-ratio must be in (0, 1)"),
+    (["--data", "imagenet1k"], "unknown dataset"),
+    (["--model", "vit_gigantic"], "unknown model"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--epochs", "-3"], "--epochs must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "65"], "larger than the 64 images"),
+    (["--resume", "/nonexistent/ckpt.pth"], "does not exist"),
+    (["--eval-only"], "--eval-only needs --resume"),
+    (["--out", "/proc/mim-test-out"], "not writable"),
+    (["--amp", "fp16"], "fp16 needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, err = run_main(MAE_TINY + ["--out", out] + argv, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", ["empty", "no-images", "corrupt-jpeg", "truncated-png"])
+def test_bad_folders(tmp_path, capsys, case):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+        expected = "is empty"
+    elif case == "no-images":
+        (root / "a").mkdir(parents=True)
+        (root / "a" / "notes.txt").write_text("hello")
+        expected = "no images"
+    elif case == "corrupt-jpeg":
+        image_folder(root, bad=("broken.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 10))
+        expected = "broken.jpg"
+    else:
+        image_folder(root, bad=("cut.png", truncated_png(tmp_path)))
+        expected = "cut.png"
+    code, err = run_main(MAE_TINY + ["--data", "folder", "--data-path", root, "--subset", "0", "--batch-size", "3",
+                                     "--out", tmp_path / "out"], capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_image_in_worker_process_is_one_line(tmp_path):
+    """Through a DataLoader worker the error still names the file in one line, without a traceback."""
+    root = image_folder(tmp_path / "data", bad=("broken.jpg", b"not an image"))
+    proc = run_script("mae.py", *MAE_TINY, "--data", "folder", "--data-path", root, "--subset", "0", "--batch-size",
+                      "3", "--workers", "1", "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unusual_but_valid_images_load(tmp_path):
+    """CMYK, palette (with transparency), 16-bit, grayscale and RGBA files are valid and train as RGB."""
+    root = tmp_path / "data" / "a"
+    root.mkdir(parents=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    p = rgb.convert("P")
+    p.info["transparency"] = 0
+    p.save(root / "palette.png", transparency=0)
+    Image.fromarray((np.arange(480).reshape(20, 24) * 130).astype(np.uint16)).save(root / "gray16.png")
+    rgb.convert("L").save(root / "gray.png")
+    rgb.convert("RGBA").save(root / "rgba.png")
+    rgb.save(root / "plain.jpg")
+    out = tmp_path / "out"
+    run_script("mae.py", *MAE_TINY, "--data", "folder", "--data-path", tmp_path / "data", "--subset", "0",
+               "--batch-size", "3", "--epochs", "1", "--out", out)
+    assert read_log(out, "epoch")[0]["loss"] > 0
+
+
+def test_resume_rejects_corrupt_other_method_and_other_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    ckpt = out / "checkpoint.pth"
+    (tmp_path / "corrupt.pth").write_bytes(ckpt.read_bytes()[:1000])
+    code, err = run_main(MAE_TINY + ["--out", tmp_path / "o1", "--resume", tmp_path / "corrupt.pth"], capsys)
+    assert code == 2 and "cannot read checkpoint" in err
+    other = load(ckpt)
+    other["method"] = "simmim"
+    torch.save(other, tmp_path / "other.pth")
+    code, err = run_main(MAE_TINY + ["--out", tmp_path / "o2", "--resume", tmp_path / "other.pth"], capsys)
+    assert code == 2 and "is a simmim checkpoint" in err
+    code, err = run_main(MAE_TINY + ["--out", tmp_path / "o3", "--resume", ckpt, "--model", "vit_micro"], capsys)
+    assert code == 2 and "vit_nano" in err and "vit_micro" in err
+    before = ckpt.read_bytes()  # a fresh run must not overwrite an existing one
+    code, err = run_main(MAE_TINY + ["--out", out], capsys)
+    assert code == 2 and "already holds a run" in err and ckpt.read_bytes() == before
+    (tmp_path / "afile").write_text("x")
+    code, err = run_main(MAE_TINY + ["--out", tmp_path / "afile"], capsys)
+    assert code == 2 and "is a file" in err and (tmp_path / "afile").read_text() == "x"
+
+
+# -------------------------------------------------------------------------------------------------------- distributed
+def torchrun(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_processes(tmp_path):
+    """torchrun x2 on CPU/gloo: identical replicas, global batch and lr scaling, rank-0-only writes."""
+    out = tmp_path / "run"
+    torchrun(ROOT / "mae.py", *MAE_TINY, "--accum-iter", "2", "--blr", "1e-3", "--out", out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == pytest.approx(1e-3 * 16 * 2 * 2 / 256)  # blr x (batch x processes x accum) / 256
+    steps = read_log(out, "step")
+    assert [s["step"] for s in steps] == list(range(4))  # 64 images / (16 x 2 ranks) = 2 steps per epoch, 2 epochs
+    done = read_log(out, "done")
+    assert len(done) == 1 and done[0]["world_size"] == 2 and done[0]["replicas_identical"] is True
+    assert len(read_log(out, "epoch")) == 2  # one writer
+
+
+def test_ddp_grad_sync_skipped_on_accumulation_steps():
+    torchrun(ROOT / "tests" / "ddp_worker.py")
