@@ -223,7 +223,7 @@ def finetune(encoder, run, epochs, pool="mean"):
     model = Classifier(encoder, train_loader.dataset.num_classes, pool).to(run.device)
     world = run.dist.world_size
     lr = blr * cfg.batch_size * world / 256
-    opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=lr, betas=(0.9, 0.999), fused=True)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(train_loader.dataset, world, run.dist.rank, seed=cfg.seed,
                                                   drop_last=True) if world > 1 else None
