@@ -202,12 +202,15 @@ def layer_decay_groups(model, weight_decay, layer_decay, no_decay=("encoder.cls_
 
 
 def finetune_recipe(model):
-    """MAE FINETUNE.md by size: layer decay 0.65 and drop path 0.1 up to base; 0.75 / 0.2 for large; 0.75 / 0.3
-    for huge. (blr 5e-4 for base, 1e-3 above; warm-up 5 of 100 epochs; label smoothing 0.1; AdamW 0.9/0.999.)"""
-    return {"vit_large": (0.75, 0.2, 1e-3), "vit_huge": (0.75, 0.3, 1e-3)}.get(model, (0.65, 0.1, 5e-4))
+    """MAE FINETUNE.md by size: layer decay 0.65 and drop path 0.1 up to base, blr 5e-4; large: 0.75 / 0.2 / 1e-3;
+    huge: 0.75 / 0.3 / 1e-3. lr = blr x batch / 256, warm-up 5 of 100 epochs (5 %), label smoothing 0.1, AdamW
+    (0.9, 0.999), wd 0.05. A method passes its own values for what differs (`recipe=` of finetune)."""
+    layer_decay, drop_path, blr = {"vit_large": (0.75, 0.2, 1e-3), "vit_huge": (0.75, 0.3, 1e-3)}.get(
+        model, (0.65, 0.1, 5e-4))
+    return dict(layer_decay=layer_decay, drop_path=drop_path, blr=blr, lr_batch_div=256, warmup_frac=0.05)
 
 
-def finetune(encoder, run, epochs, pool="mean"):
+def finetune(encoder, run, epochs, pool="mean", recipe=None):
     """Fine-tune a copy of the encoder on the labelled train split and return val top-1 (%) after the last
     epoch (no best-epoch selection on val). Uses the pre-training batch size, precision and devices."""
     cfg = run.cfg
@@ -216,14 +219,15 @@ def finetune(encoder, run, epochs, pool="mean"):
     if train_loader is None or val_loader is None:
         run.log("fine-tuning skipped: no labelled train/ and val/ split")
         return None
-    layer_decay, drop_path, blr = finetune_recipe(cfg.model)
+    recipe = {**finetune_recipe(cfg.model), **(recipe or {})}
     encoder = copy.deepcopy(encoder).float().train()
     encoder.requires_grad_(True)  # MAE fine-tunes the sin-cos table too (it becomes a learned embedding)
-    encoder.set_drop_path(drop_path)
+    encoder.set_drop_path(recipe["drop_path"])
     model = Classifier(encoder, train_loader.dataset.num_classes, pool).to(run.device)
     world = run.dist.world_size
-    lr = blr * cfg.batch_size * world / 256
-    opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=lr, betas=(0.9, 0.999), fused=True)
+    lr = recipe["blr"] * cfg.batch_size * world / recipe["lr_batch_div"]
+    opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, recipe["layer_decay"]), lr=lr, betas=(0.9, 0.999),
+                            fused=True)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(train_loader.dataset, world, run.dist.rank, seed=cfg.seed,
                                                   drop_last=True) if world > 1 else None
@@ -234,7 +238,7 @@ def finetune(encoder, run, epochs, pool="mean"):
     if steps == 0:
         run.log("fine-tuning skipped: fewer labelled images than one batch")
         return None
-    warmup = epochs * 0.05  # official: 5 of 100 epochs
+    warmup = epochs * recipe["warmup_frac"]
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -260,6 +264,29 @@ def finetune(encoder, run, epochs, pool="mean"):
         torch_dist.all_reduce(counts)
         correct, total = counts.tolist()
     return round(100.0 * correct / max(total, 1), 2)
+
+
+def random_init_encoder(build_model, cfg, device):
+    """The encoder as initialised before pre-training (the monitors' baseline), without touching the RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg).encoder.to(device)
+
+
+def report(method, encoder, build_model, run, finetune_recipe=None):
+    """End of a run: the monitors (with the random-init baseline), the optional fine-tuning, encoder.pth (timm
+    names) and results.json."""
+    cfg = run.cfg
+    results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
+               "final_loss": run.last_loss,
+               "eval": evaluate(encoder, random_init_encoder(build_model, cfg, run.device), run)}
+    if cfg.finetune_epochs:
+        results["finetune_top1"] = finetune(encoder, run, cfg.finetune_epochs, recipe=finetune_recipe)
+        run.log(f"fine-tune top-1: {results['finetune_top1']}")
+    run.save_file(encoder.state_dict(), "encoder.pth")
+    run.write_json("results.json", results)
+    run.log(f"wrote {run.out}/results.json and encoder.pth")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------- #

@@ -134,6 +134,9 @@ def parse_config(cls, presets, argv=None, description=None):
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}; choose from {', '.join(DATASETS)}")
     preset = {k: v for k, v in presets.get(DATASETS[data].scale, {}).items() if k not in given}
+    native = DATASETS[data].native_size
+    if native and "img_size" not in given and "img_size" not in preset:
+        preset["img_size"] = native  # CIFAR trains at 32 px and MNIST at 28 unless the preset or the user says
     cfg = cls(**{**preset, **given})
     if cfg.model in VIT_SIZES and not cfg.patch_size:
         cfg.patch_size = VIT_SIZES[cfg.model][3]
