@@ -1,0 +1,401 @@
+"""bench.py: training speed, FLOPs, MFU and memory of every method file, and data-loading throughput (--loader).
+
+`python bench.py` runs, for each method file present (mae.py, simmim.py, beit.py, sit.py, convmae.py, igpt.py), the
+training step its main() runs, on random images already on the device (data loading is measured apart, --loader):
+    zero_grad(set_to_none) -> training_loss(model, imgs, cfg, generator) under autocast -> backward ->
+    clip_grad_norm_ -> AdamW step (fused)
+with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
+recipe with --model / --img-size / --patch-size / --batch-size replaced. Columns:
+  params      trainable parameters.
+  GFLOP/img   matmul and convolution FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode:
+              "fwd" over one forward, "train" over one forward + backward (counted, not 3 x forward). Elementwise
+              ops, norms, softmax and the optimizer are not counted (the usual MFU convention).
+  img/s       batch / median seconds of --steps timed steps, after 2 warm-up steps (the first allocates the
+              optimizer state, and compiles). CUDA: a pair of CUDA events per step, read after one synchronize;
+              CPU: time.perf_counter. Three ways: eager fp32, eager bf16 autocast, torch.compile + bf16 autocast.
+  MFU         train FLOP per step / median step seconds / the matmul peak measured in this run in the same dtype
+              (median of square matmuls, 8192^2 on CUDA, 2048^2 on the CPU).
+  compile s   the warm-up steps of the compiled model minus 2 steady-state steps: the compile time.
+  peak mem    over the timed steps (the high-water mark is reset after the warm-up): CUDA: max_memory_allocated;
+              CPU: the process's peak RSS (ru_maxrss after /proc/self/clear_refs; the whole process, so it includes
+              the Python/torch runtime and, for the compiled column, what the compiler keeps).
+torch.compile is on by default on CUDA and off on the CPU (--compile / --no-compile), as in training: on 2 CPU
+cores compiling one base model takes minutes.
+
+`python bench.py --loader` measures the input pipelines in img/s: an ImageNet-style folder of JPEGs (500 x 375,
+quality 90, written to a temporary folder) through the DataLoader path of common/data.py (decode +
+RandomResizedCrop(224) + flip + normalise) with 0, 1, 2 workers, and a small 32 px set (synthetic, held in memory
+like CIFAR) through the DataLoader path and through the resident path (ResidentData, augmented in batches on the
+device). Epoch 0 is the warm-up (worker start-up, page cache; its time to first batch is reported apart); epoch 1
+is timed from its first request to its last batch.
+
+Run:     python bench.py                    # every method, ViT-B/16 at 224 px, batch 64 on CUDA, 8 on the CPU
+         python bench.py --methods mae --model vit_large --batch-size 128 --json bench-large.json
+         python bench.py --loader           # data-loading throughput
+Results: measured tables are in README.md (with hardware, torch version and command).
+"""
+import argparse
+import gc
+import importlib
+import json
+import os
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import UserError
+from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, build_dataset, mix_seed,
+                         pretrain_transform, render_synthetic)
+from common.training import cli, param_groups, setup_distributed
+from common.vit import VIT_SIZES, count_params
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("mae", "simmim", "beit", "sit", "convmae", "igpt")  # benchmarked when <name>.py exists
+WARMUP_STEPS = 2
+PRECISIONS = (  # (name, autocast dtype or None, torch.compile)
+    ("fp32", None, False),
+    ("bf16", torch.bfloat16, False),
+    ("compiled_bf16", torch.bfloat16, True),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      flags                                                         #
+# ---------------------------------------------------------------------------------------------------------------- #
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="python bench.py [--loader] [flags]",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default="", help="comma list, e.g. mae,simmim (default: every method file present)")
+    p.add_argument("--model", default="vit_base", help=f"encoder size: {', '.join(VIT_SIZES)}")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
+    p.add_argument("--patch-size", type=int, default=0, help="0 = the model's default")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per step (0: 64 on CUDA, 8 on the CPU; --loader: 32 for JPEGs, 256 for 32 px)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per column (the median is reported)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile + bf16 (default: on for CUDA, off for the CPU)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--json", default="", help="output file (default: bench.json, or bench_loader.json with --loader)")
+    p.add_argument("--loader", action="store_true", help="measure data loading instead of training steps")
+    p.add_argument("--loader-images", type=int, default=256, help="--loader: JPEGs in the temporary folder")
+    p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
+    args = p.parse_args(argv)
+    for name in ("img_size", "steps", "loader_images", "small_images"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 0 or args.patch_size < 0:
+        raise UserError("--batch-size and --patch-size must not be negative")
+    if args.model not in VIT_SIZES:
+        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(VIT_SIZES)}")
+    try:
+        torch.device(args.device or "cpu")
+    except RuntimeError:
+        raise UserError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
+    return args
+
+
+def select_methods(names):
+    """The methods to benchmark: the --methods list, or every one of METHODS whose file exists."""
+    if not names:
+        return [m for m in METHODS if (ROOT / f"{m}.py").exists()]
+    chosen = [m.strip() for m in names.split(",") if m.strip()]
+    for m in chosen:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if not (ROOT / f"{m}.py").exists():
+            raise UserError(f"{m}.py does not exist (yet)")
+    return chosen
+
+
+def method_config(module, args):
+    """The method's ImageNet recipe with the benchmark's sizes; check() turns a bad size into one clear line."""
+    overrides = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+                     patch_size=args.patch_size or VIT_SIZES[args.model][3])
+    cfg = module.Config(**{**module.PRESETS.get("imagenet", {}), **overrides})
+    cfg.check()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                    hardware                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def hardware(device):
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {cpu}"
+    return cpu
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's RSS high-water mark, which ru_maxrss reports
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # elsewhere the number stays the peak since the process started
+        pass
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / 2 ** 20 / (1024 if sys.platform == "darwin" else 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                               counting and timing                                                  #
+# ---------------------------------------------------------------------------------------------------------------- #
+def count_flops(forward):
+    """(forward FLOPs, forward + backward FLOPs) of `forward()` -> scalar loss, one pass.
+
+    FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU's fused SDPA kernel
+    (`_scaled_dot_product_flash_attention_for_cpu`), which it would count as 0; under the math backend SDPA is two
+    counted batched matmuls on every device, 2*T*T*d each per head, and 2x that in backward."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss = forward()
+        fwd = counter.get_total_flops()
+        loss.backward()
+    return fwd, counter.get_total_flops()
+
+
+def run_steps(step, first, n, device):
+    """Call step(i) for i = first .. first+n-1; the seconds each took. CUDA: events around each step, read after one
+    synchronize at the end (no host sync between steps, as in training)."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for i, (start, end) in enumerate(events, first):
+            start.record()
+            step(i)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000 for start, end in events]
+    seconds = []
+    for i in range(first, first + n):
+        t = time.perf_counter()
+        step(i)
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
+def matmul_peak(device, dtype, reps=10):
+    """FLOP/s of a big square matmul in `dtype` (median of `reps`): the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = run_steps(lambda i: a @ b, 0, WARMUP_STEPS + reps, device)[WARMUP_STEPS:]
+    return 2 * n ** 3 / statistics.median(seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                 training steps                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+def bench_method(module, cfg, args, device, peaks):
+    """One table row: build the method's model, count its FLOPs, then time the three ways of running it."""
+    name = module.__name__
+    torch.manual_seed(0)
+    model = module.build_model(cfg).to(device)
+    model.train()
+    # the optimizer's hyper-parameters do not change its cost; fused is the fastest AdamW on CUDA and on the CPU
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.blr, fused=True)
+    imgs = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    generator = torch.Generator(device=device)
+
+    def masks(step):  # this step's masks, as Run.step_generator: a function of (seed, step)
+        return generator.manual_seed(mix_seed(cfg.seed, 0, step))
+
+    fwd, train = count_flops(lambda: module.training_loss(model, imgs, cfg, masks(0)))
+    optimizer.zero_grad(set_to_none=True)
+    row = {"method": name, "model": f"{cfg.model}/{cfg.patch_size} {cfg.img_size}px batch {cfg.batch_size}",
+           "params": count_params(model), "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
+           "train_gflop_per_img": train / cfg.batch_size / 1e9}
+    for precision, dtype, compiled in PRECISIONS:
+        if compiled and not args.compile:
+            row[precision] = None
+            continue
+        net = torch.compile(model) if compiled else model
+
+        def step(i):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = module.training_loss(net, imgs, cfg, masks(i))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))  # as main() does
+            optimizer.step()
+
+        t = time.perf_counter()
+        run_steps(step, 0, WARMUP_STEPS, device)
+        synchronize(device)
+        warmup_s = time.perf_counter() - t
+        reset_peak_memory(device)  # the peak of the timed steps: steady state, not the compiler's
+        seconds = statistics.median(run_steps(step, WARMUP_STEPS, args.steps, device))
+        row[precision] = {"img_s": cfg.batch_size / seconds, "step_ms": seconds * 1e3,
+                          "mfu": train / seconds / peaks[dtype or torch.float32],
+                          "peak_mem_gib": peak_memory_gib(device)}
+        if compiled:
+            row[precision]["compile_s"] = warmup_s - WARMUP_STEPS * seconds
+            torch._dynamo.reset()  # drop the compiled graphs before the next method
+        print(f"  {name} {precision}: {row[precision]['img_s']:.1f} img/s", flush=True)
+    del model, optimizer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def training_table(rows):
+    head = ("| method | model | params (M) | fwd GFLOP/img | train GFLOP/img | fp32 img/s | fp32 MFU | bf16 img/s "
+            "| bf16 MFU | compiled bf16 img/s | compiled MFU | compile s | peak mem GiB fp32 / bf16 / compiled |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        def cell(precision, key, fmt):
+            return fmt.format(r[precision][key]) if r[precision] else "—"
+        compiled = cell("compiled_bf16", "img_s", "{:.1f}") if r["compiled_bf16"] else "not run (use --compile)"
+        lines.append("| " + " | ".join([
+            r["method"], r["model"], f"{r['params'] / 1e6:.2f}", f"{r['fwd_gflop_per_img']:.2f}",
+            f"{r['train_gflop_per_img']:.2f}", cell("fp32", "img_s", "{:.1f}"), cell("fp32", "mfu", "{:.1%}"),
+            cell("bf16", "img_s", "{:.1f}"), cell("bf16", "mfu", "{:.1%}"), compiled,
+            cell("compiled_bf16", "mfu", "{:.1%}"), cell("compiled_bf16", "compile_s", "{:.0f}"),
+            " / ".join(cell(p, "peak_mem_gib", "{:.2f}") for p, _, _ in PRECISIONS)]) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  data loading                                                      #
+# ---------------------------------------------------------------------------------------------------------------- #
+def write_jpegs(root, n):
+    """n JPEGs of 500 x 375 (a typical ImageNet photo) at quality 90 in one folder per class: synthetic shapes
+    rendered at 500 px (textured, with sensor noise, so they compress like photos rather than flat colour) and
+    cropped to 375 rows."""
+    for i in range(n):
+        img, label = render_synthetic(i, 500, seed=0)
+        folder = root / SYNTHETIC_CLASSES[label].replace(" ", "_")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(img[:375]).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def time_epochs(data, device):
+    """(seconds to the first batch of epoch 0, images and img/s of epoch 1). Epoch 0 is the warm-up: it starts the
+    worker processes (persistent afterwards) and fills the page cache; epoch 1 is timed from its first request to
+    its last batch."""
+    t = time.perf_counter()
+    batches = data.epoch(0)
+    next(batches)
+    first_batch_s = time.perf_counter() - t
+    for _ in batches:
+        pass
+    t = time.perf_counter()
+    n = sum(len(imgs) for imgs, _ in data.epoch(1))
+    synchronize(device)
+    return first_batch_s, n, n / (time.perf_counter() - t)
+
+
+def bench_loader(args, device):
+    """The loader table's rows: the JPEG folder with 0, 1, 2 workers, then the 32 px set both ways."""
+    rows = []
+
+    def measure(pipeline, path, workers, batch_size, data):
+        first_batch_s, n, img_s = time_epochs(data, device)
+        rows.append(dict(pipeline=pipeline, path=path, workers=workers, batch_size=batch_size, images=n,
+                         img_s=img_s, first_batch_s=first_batch_s))
+        print(f"  {pipeline}, {path}, {workers} workers: {img_s:.0f} img/s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-jpegs-") as tmp:
+        t = time.perf_counter()
+        write_jpegs(Path(tmp), args.loader_images)
+        print(f"wrote {args.loader_images} JPEGs (500x375, quality 90) to {tmp} in {time.perf_counter() - t:.1f}s")
+        batch_size = args.batch_size or 32
+        for workers in (0, 1, 2):
+            ds = build_dataset("folder", "pretrain", data_path=tmp)
+            ds.transform = pretrain_transform(224, (0.2, 1.0))
+            measure("JPEG folder 500x375 -> 224", "DataLoader", workers, batch_size,
+                    LoaderData(ds, batch_size, 0, 0, 1, workers, device))
+
+    # the small set in memory as uint8, as CIFAR is: the same images through both paths
+    images, labels = build_dataset("synthetic", "pretrain", img_size=32, subset=args.small_images).as_uint8()
+    batch_size = args.batch_size or 256
+    for workers in (0, 1, 2):
+        ds = ArrayDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), len(SYNTHETIC_CLASSES))
+        ds.transform = pretrain_transform(32, (0.2, 1.0))
+        measure("synthetic 32 px in memory", "DataLoader", workers, batch_size,
+                LoaderData(ds, batch_size, 0, 0, 1, workers, device))
+    measure("synthetic 32 px in memory", f"resident on {device}", 0, batch_size,
+            ResidentData(images, labels, batch_size, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, device))
+    return rows
+
+
+def loader_table(rows):
+    lines = ["| pipeline | path | workers | batch | images timed | img/s | first batch s (incl. worker start-up) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['pipeline']} | {r['path']} | {r['workers']} | {r['batch_size']} | {r['images']} | "
+              f"{r['img_s']:.0f} | {r['first_batch_s']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      main                                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+def bench_training(args, device):
+    """The training table's numbers: the matmul peaks, then one row per method."""
+    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    modules = [importlib.import_module(m) for m in select_methods(args.methods)]
+    if not modules:
+        raise UserError(f"no method file found in {ROOT}")
+    configs = [method_config(module, args) for module in modules]  # every size error before any timing
+    peaks = {dtype: matmul_peak(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return dict(peak_tflops={"fp32": peaks[torch.float32] / 1e12, "bf16": peaks[torch.bfloat16] / 1e12},
+                peak_mem=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                          "process peak RSS (ru_maxrss) over the timed steps, incl. the Python/torch runtime"),
+                steps=args.steps, warmup_steps=WARMUP_STEPS,
+                rows=[bench_method(m, cfg, args, device, peaks) for m, cfg in zip(modules, configs)])
+
+
+def main():
+    args = parse_args()
+    t0 = time.perf_counter()
+    device = setup_distributed(args.device).device
+    command = shlex.join(["python", *sys.argv])
+    result = {"hardware": hardware(device), "torch": torch.__version__, "command": command, "device": str(device)}
+    header = [f"hardware: {result['hardware']}", f"torch {torch.__version__}", f"command: {command}"]
+    if args.loader:
+        result["rows"] = bench_loader(args, device)
+        table = loader_table(result["rows"])
+    else:
+        result.update(bench_training(args, device))
+        peaks = result["peak_tflops"]
+        header += [f"matmul peak (median of square matmuls): fp32 {peaks['fp32']:.2f} TFLOP/s, "
+                   f"bf16 {peaks['bf16']:.2f} TFLOP/s", f"peak mem: {result['peak_mem']}"]
+        table = training_table(result["rows"])
+    result["seconds"] = seconds = time.perf_counter() - t0
+    path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + "\n".join(header + [""]) + table)
+    print(f"\n{seconds:.0f}s in all; wrote {path}")
+
+
+if __name__ == "__main__":
+    cli(main)

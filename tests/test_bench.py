@@ -1,0 +1,90 @@
+"""bench.py: the FLOP count against a hand formula, the training table and the loader table at a tiny size."""
+import json
+
+import pytest
+import torch
+from conftest import run_script
+
+import bench
+import mae
+from common import UserError
+from common.vit import VisionTransformer, count_params
+
+# One thread: the runs below check numbers, not speed, and two OpenMP threads on two busy cores slow a step ~20x.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def vit_flops_by_hand(B, N, D, p, depth):
+    """Forward matmul FLOPs of a ViT on all N patches + cls (2 per multiply-add): the patch projection
+    (a conv = a [3p^2 -> D] matmul per patch), then per block qkv, q k^T, attn v, proj and the 4x MLP."""
+    T = N + 1
+    patch_embed = 2 * N * D * 3 * p * p
+    block = 2 * T * D * 3 * D + 2 * T * T * D + 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * 4 * D
+    return B * (patch_embed + depth * block)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32-sdpa", "bf16-explicit-attention"])
+def test_flop_count_equals_hand_formula(amp):
+    # fp32 on the CPU runs SDPA (which FlopCounterMode alone would count as 0 there); bf16 on the CPU runs the
+    # explicit softmax(q k^T) v: both must give the formula exactly.
+    torch.manual_seed(0)
+    B, img, p, D, depth = 3, 16, 4, 32, 2
+    enc = VisionTransformer(img_size=img, patch_size=p, embed_dim=D, depth=depth, num_heads=2)
+    x = torch.randn(B, 3, img, img)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        fwd, train = bench.count_flops(lambda: enc.forward_features(x).float().sum())
+    expected = vit_flops_by_hand(B, (img // p) ** 2, D, p, depth)
+    assert fwd == expected
+    # backward: every matmul twice (grad of input and of weight), except the patch projection, whose input (the
+    # image) needs no gradient
+    assert train == 3 * expected - B * 2 * (img // p) ** 2 * D * 3 * p * p
+
+
+def test_bench_training_table(tmp_path):
+    out = tmp_path / "bench.json"
+    flags = ["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2", "--steps", "2",
+             "--methods", "mae", "--no-compile", "--device", "cpu", "--json", str(out)]
+    proc = run_script("bench.py", *flags, env=ONE_THREAD)
+    result = json.loads(out.read_text())
+    assert result["torch"] == torch.__version__ and result["command"].startswith("python ")
+    assert result["hardware"] in proc.stdout and "| mae | vit_nano/4 16px batch 2 |" in proc.stdout
+    assert "not run (use --compile)" in proc.stdout
+    assert 0 < result["peak_tflops"]["fp32"] < 1e4 and 0 < result["peak_tflops"]["bf16"] < 1e4
+    (row,) = result["rows"]
+    cfg = bench.method_config(mae, bench.parse_args(flags))
+    model = mae.build_model(cfg)
+    assert row["params"] == count_params(model)
+    fwd, train = bench.count_flops(lambda: mae.training_loss(model, torch.randn(2, 3, 16, 16), cfg,
+                                                             torch.Generator().manual_seed(0)))
+    assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
+    assert row["train_gflop_per_img"] == pytest.approx(train / 2 / 1e9, rel=1e-9)
+    assert 2 * fwd < train < 3 * fwd  # backward ~2x forward, less the image's gradient
+    for precision in ("fp32", "bf16"):
+        r = row[precision]
+        assert r["img_s"] > 0 and r["step_ms"] == pytest.approx(2 / r["img_s"] * 1e3)
+        assert 0 < r["mfu"] < 1
+        assert 0.05 < r["peak_mem_gib"] < 64  # RSS of a process holding torch
+    assert row["compiled_bf16"] is None
+
+
+def test_bench_bad_flags():
+    proc = run_script("bench.py", "--methods", "mae,nope", "--device", "cpu", check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: unknown method 'nope'; choose from " + ", ".join(bench.METHODS)]
+    with pytest.raises(UserError, match="unknown model 'vit_giant'"):
+        bench.parse_args(["--model", "vit_giant"])
+    with pytest.raises(UserError, match="--steps must be positive"):
+        bench.parse_args(["--steps", "0"])
+    with pytest.raises(UserError, match="--img-size 30 is not divisible by --patch-size 16"):
+        bench.method_config(mae, bench.parse_args(["--img-size", "30", "--batch-size", "8"]))
+
+
+def test_bench_loader(tmp_path):
+    out = tmp_path / "loader.json"
+    run_script("bench.py", "--loader", "--loader-images", "16", "--small-images", "64", "--batch-size", "8",
+               "--device", "cpu", "--json", out, env=ONE_THREAD)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["workers"]) for r in rows] == [("DataLoader", w) for w in (0, 1, 2)] * 2 + [
+        ("resident on cpu", 0)]
+    assert [r["images"] for r in rows] == [16] * 3 + [64] * 4  # one full epoch of each
+    assert all(r["img_s"] > 0 and r["first_batch_s"] > 0 for r in rows)
