@@ -36,6 +36,11 @@ class DatasetInfo:
     scale: str  # which preset a method uses for it: demo, small, medium, imagenet
     in_memory: bool  # small enough to hold as one uint8 tensor (the resident path)
 
+    def stored_size(self, img_size):
+        """Side of the images as stored for a run at img_size: the native size, img_size for synthetic (rendered at
+        the requested size), 0 for folders of images of any size."""
+        return self.native_size or (img_size if self.in_memory else 0)
+
 
 DATASETS = {
     "synthetic": DatasetInfo(0, "demo", True),
@@ -288,7 +293,7 @@ def _read_idx(path):
         data = f.read()
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
 
 
 def _find_idx(root, folder, stem):
@@ -583,7 +588,7 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
     if len(ds) // dist.world_size < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ds)} images of {cfg.data}"
                         + (f" split over {dist.world_size} processes" if dist.world_size > 1 else ""))
-    native = info.native_size or cfg.img_size
+    native = info.stored_size(cfg.img_size)
     if cfg.resident and info.in_memory and native <= cfg.img_size:
         nbytes = len(ds) * 3 * native * native
         if resident_fits(nbytes, dist.device):
@@ -602,7 +607,7 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
     shards by itself). None when the dataset has no such labelled split."""
     info = DATASETS[cfg.data]
     ds = build_dataset(cfg.data, split, cfg.data_path, cfg.img_size, cfg.subset,
-                       transform or eval_transform(cfg.img_size, info.native_size))
+                       transform or eval_transform(cfg.img_size, info.stored_size(cfg.img_size)))
     if ds is None:
         return None
     return DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=False, worker_init_fn=ignore_stop_signals,
@@ -613,7 +618,7 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
 def preview_images(cfg, dist, n=8):
     """The first n images of the val split (or of the pre-training split), eval transform: [n, 3, H, W]."""
     info = DATASETS[cfg.data]
-    transform = eval_transform(cfg.img_size, info.native_size)
+    transform = eval_transform(cfg.img_size, info.stored_size(cfg.img_size))
     ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform)
     if ds is None:
         ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform)

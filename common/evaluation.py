@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, finetune_transform
 from .training import barrier, cosine_lr, set_grad_sync, set_lr
@@ -40,7 +41,8 @@ def extract_features(encoder, loader, run):
     was_training = encoder.training
     encoder.eval()
     cls_f, mean_f, labels = [], [], []
-    for imgs, y in shard(loader, run.dist.rank, run.dist.world_size):
+    batches = shard(loader, run.dist.rank, run.dist.world_size)
+    for imgs, y in tqdm(batches, desc="features", leave=False, disable=not run.is_main):
         with run.autocast():
             tokens = encoder.forward_features(imgs.to(run.device, non_blocking=True))  # [B, 1+N, D]
         cls_f.append(tokens[:, 0].float())
@@ -242,7 +244,8 @@ def finetune(encoder, run, epochs, pool="mean", recipe=None):
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for i, (imgs, y) in enumerate(loader):
+        for i, (imgs, y) in enumerate(tqdm(loader, desc=f"fine-tune epoch {epoch}", leave=False,
+                                           disable=not run.is_main)):
             set_lr(opt, cosine_lr(epoch + i / steps, lr, 1e-6, warmup, epochs))
             set_grad_sync(train_model, True)
             with run.autocast():

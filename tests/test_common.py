@@ -181,3 +181,23 @@ def test_scan_folder_labelled_and_flat(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.jpg")
     flat = scan_folder(tmp_path / "flat")
     assert len(flat) == 1 and flat.num_classes == 0 and flat.labels == [-1]
+
+
+def test_eval_transform_crops_only_images_larger_than_the_input():
+    """ImageNet protocol (resize to 1/0.875, centre crop) for large images; images stored at or below the input size
+    (synthetic, rendered at it; Fashion-MNIST 28 -> 32 px) are only resized, nothing is cut off."""
+    from types import SimpleNamespace
+    from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, eval_transform
+    framed = np.zeros((28, 28, 3), dtype=np.uint8)
+    framed[:1], framed[-1:], framed[:, :1], framed[:, -1:] = 255, 255, 255, 255  # a white frame, black inside
+    whole = eval_transform(32, 28)(Image.fromarray(framed))  # [3, 32, 32]
+    cut = eval_transform(32)(Image.fromarray(framed).resize((56, 56), Image.NEAREST))  # 56 -> 37 -> centre 32
+    assert whole.shape == cut.shape == (3, 32, 32)
+    assert whole[:, 0].mean() > 2 and whole[:, -1].mean() > 2 and whole[:, :, 0].mean() > 2  # white, normalised
+    assert cut[:, 0].mean() < -1.5 and cut[:, :, 0].mean() < -1.5  # black
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0)
+    x, y = next(iter(build_eval_loader(cfg, "val", SimpleNamespace(device=torch.device("cpu")))))
+    ds = build_dataset("synthetic", "val", img_size=28, subset=16)
+    images, labels = ds.as_uint8()  # [16, 3, 28, 28], as rendered
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(x, (images / 255 - mean) / std, atol=1e-5) and torch.equal(y, labels)

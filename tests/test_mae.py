@@ -111,7 +111,7 @@ def test_encoder_loads_into_timm_with_same_features():
 def test_cli_end_to_end(tmp_path, tiny):
     out = tmp_path / "run"
     proc = run_script("mae.py", *tiny, "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-                      "--out", out)
+                      "--out", out, "--eval-every", "1")
     for name in ("config.json", "log.jsonl", "checkpoint.pth", "encoder.pth", "recon_e0.png", "recon_e1.png",
                  "results.json"):
         assert (out / name).is_file(), name
@@ -124,6 +124,8 @@ def test_cli_end_to_end(tmp_path, tiny):
     assert [s["step"] for s in steps] == list(range(8))
     assert steps[0]["lr"] == 0.0 and steps[-1]["lr"] > 0  # warm-up from exactly zero
     assert json.loads((out / "config.json").read_text())["model"] == "vit_nano"
+    evals = read_log(out, "eval")  # --eval-every 1: after epoch 0 (the last epoch's is results.json)
+    assert [e["epoch"] for e in evals] == [0] and set(evals[0]) >= {"pretrained", "random_init"}
     assert "loss" in proc.stderr + proc.stdout
     # --eval-only re-runs evaluation from the checkpoint and gets the same numbers
     run_script("mae.py", *tiny, "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
