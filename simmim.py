@@ -324,7 +324,8 @@ def main():
                 grad_norm = None
                 if update:
                     run.scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+                    if cfg.clip_grad:  # (no clipping: skip the norm too, a full pass over the gradients)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     run.scaler.step(optimizer)
                     run.scaler.update()
                     optimizer.zero_grad(set_to_none=True)

@@ -58,7 +58,7 @@ class TrainConfig:
     clip_grad: typing.Optional[float] = None  # clip the global gradient norm to this (none by default)
     amp: str = "auto"  # precision: bf16, fp16, fp32, auto (bf16 where fast, else fp16 on CUDA, fp32 on CPU)
     compile: typing.Optional[bool] = None  # torch.compile the model (default: on for CUDA, off for CPU)
-    workers: int = 8  # DataLoader worker processes (the resident path uses none)
+    workers: int = 8  # DataLoader worker processes; unless given, at most one per core (the resident path uses none)
     resident: bool = True  # hold small datasets on the device and augment in batches (--no-resident: DataLoader)
     seed: int = 0  # seed of init, data order, augmentation and masks
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
@@ -137,6 +137,8 @@ def parse_config(cls, presets, argv=None, description=None):
     native = DATASETS[data].native_size
     if native and "img_size" not in given and "img_size" not in preset:
         preset["img_size"] = native  # CIFAR trains at 32 px and MNIST at 28 unless the preset or the user says
+    if "workers" not in given and "workers" not in preset:
+        preset["workers"] = min(cls.workers, os.cpu_count() or 1)  # no more loader processes than cores
     cfg = cls(**{**preset, **given})
     if cfg.model in VIT_SIZES and not cfg.patch_size:
         cfg.patch_size = VIT_SIZES[cfg.model][3]
@@ -525,8 +527,11 @@ class Run:
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, epoch, step):
         """Checkpoint with everything exact resume needs, at (epoch, step) = where training continues.
-        Never writes a diverged model: the guard is checked first."""
+        Never writes a diverged model: the guard is checked first, then the weights themselves (gradients are only
+        watched when clipped, so a NaN gradient of the last step shows up here)."""
         self.guard.check()
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            raise NonFiniteError(self.global_step - 1)
         if step == self.steps_per_epoch:
             epoch, step = epoch + 1, 0
         if not self.is_main:
@@ -551,6 +556,11 @@ class Run:
                 raise UserError(f"{path} holds a {saved.get('model')} model at img {saved.get('img_size')}, patch "
                                 f"{saved.get('patch_size')}; this run builds {self.cfg.model} at img {self.cfg.img_size}"
                                 f", patch {self.cfg.patch_size} (set --model/--img-size/--patch-size to match)")
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if hasattr(self.cfg, k)
+                   and getattr(self.cfg, k) != v and k not in ("resume", "eval_only", "max_steps", "out")}
+        if changed:  # allowed (a longer schedule, more workers), but never silent
+            self.log("resuming with settings that differ from the checkpoint's: "
+                     + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -1,5 +1,6 @@
 """common/: ViT pieces, schedule, optimizer groups, config parsing, synthetic data, image decoding."""
 import math
+import os
 import time
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_config_presets_cli_and_help():
     presets = {"demo": {"epochs": 3, "batch_size": 8}}
     cfg, applied = parse_config(TrainConfig, presets, ["--batch-size", "4", "--model", "vit_nano"])
     assert (cfg.epochs, cfg.batch_size, cfg.patch_size) == (3, 4, 16)  # preset, command line, model default
-    assert applied == {"epochs": 3}
+    assert applied == {"epochs": 3, "workers": min(8, os.cpu_count())}  # workers: no more than cores
     cfg, _ = parse_config(TrainConfig, presets, ["--data", "imagenet", "--model", "vit_huge"])
     assert (cfg.epochs, cfg.patch_size) == (800, 14)  # imagenet: no preset, class defaults
     assert "pre-training epochs" in field_help(TrainConfig)["epochs"]

@@ -25,15 +25,20 @@ def load(path):
 
 
 # ----------------------------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("stop_at", [6, 4])  # mid-epoch (4 steps per epoch) and at an epoch boundary
-def test_exact_resume(tmp_path, stop_at):
-    """K steps in one go == k steps, stop, resume to K: bitwise the same per-step losses and final weights."""
+SIMMIM_TINY = TINY + ["--mask-patch-size", "8"]  # drop path 0.1 by default: the global RNG must be restored too
+
+
+@pytest.mark.parametrize("script,args,stop_at", [("mae.py", MAE_TINY, 6), ("mae.py", MAE_TINY, 4),
+                                                 ("simmim.py", SIMMIM_TINY, 6)])  # 4 steps per epoch
+def test_exact_resume(tmp_path, script, args, stop_at):
+    """K steps in one go == k steps, stop (mid-epoch or at an epoch end), resume to K: bitwise the same per-step
+    losses and final weights and optimizer state."""
     full, part = tmp_path / "full", tmp_path / "part"
-    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", "10", "--out", full)
-    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", stop_at, "--out", part)
+    run_script(script, *args, "--epochs", "3", "--max-steps", "10", "--out", full)
+    run_script(script, *args, "--epochs", "3", "--max-steps", stop_at, "--out", part)
     ckpt = load(part / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (stop_at // 4, stop_at % 4, stop_at)
-    run_script("mae.py", *MAE_TINY, "--epochs", "3", "--max-steps", "10", "--out", part, "--resume", "auto")
+    run_script(script, *args, "--epochs", "3", "--max-steps", "10", "--out", part, "--resume", "auto")
     losses_full = {s["step"]: s["loss"] for s in read_log(full, "step")}
     losses_part = {s["step"]: s["loss"] for s in read_log(part, "step")}  # both segments, one log
     assert sorted(losses_part) == list(range(10))
@@ -128,6 +133,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     proc = run_script("mae.py", *MAE_TINY, "--epochs", "3", "--out", out, "--resume", "auto", "--lr", "1e30",
                       check=False)
     assert proc.returncode == 1
+    assert "differ from the checkpoint's: epochs 1 -> 3" in proc.stdout  # a changed setting is reported
     err = proc.stderr.strip().splitlines()[-1]
     assert "non-finite at step" in err or "non-finite" in err
     assert "--amp fp32" in err and "Traceback" not in proc.stderr
