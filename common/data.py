@@ -602,6 +602,24 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
     return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)
 
 
+class TensorImages(Dataset):
+    """An in-memory split already at the model input size (uint8 [N, 3, S, S]) with the eval transform done on the
+    tensor: what eval_transform gives through PIL when there is nothing to resize. Synthetic images are rendered once
+    instead of at every pass (the monitors make two): the MAE demo's evaluation takes 27 s this way, 40 s through PIL,
+    with the same numbers."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.labels, self.num_classes = images, labels, num_classes
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return (self.images[i] / 255 - self.mean) / self.std, int(self.labels[i])  # [3, S, S]
+
+
 def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform=None):
     """A fixed-order loader over a labelled split with the eval transform (all of it on every rank; evaluation
     shards by itself). None when the dataset has no such labelled split."""
@@ -610,6 +628,9 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
                        transform or eval_transform(cfg.img_size, info.stored_size(cfg.img_size)))
     if ds is None:
         return None
+    if transform is None and info.in_memory and info.stored_size(cfg.img_size) == cfg.img_size:
+        images, labels = ds.as_uint8()
+        ds, workers = TensorImages(images, labels, ds.num_classes), 0
     return DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=False, worker_init_fn=ignore_stop_signals,
                       num_workers=cfg.workers if workers is None else workers, pin_memory=dist.device.type == "cuda",
                       generator=torch.Generator())

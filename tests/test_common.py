@@ -197,7 +197,9 @@ def test_eval_transform_crops_only_images_larger_than_the_input():
     assert whole[:, 0].mean() > 2 and whole[:, -1].mean() > 2 and whole[:, :, 0].mean() > 2  # white, normalised
     assert cut[:, 0].mean() < -1.5 and cut[:, :, 0].mean() < -1.5  # black
     cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0)
-    x, y = next(iter(build_eval_loader(cfg, "val", SimpleNamespace(device=torch.device("cpu")))))
+    loader = build_eval_loader(cfg, "val", SimpleNamespace(device=torch.device("cpu")))
+    assert type(loader.dataset).__name__ == "TensorImages"  # the images as rendered, normalised without PIL
+    x, y = next(iter(loader))
     ds = build_dataset("synthetic", "val", img_size=28, subset=16)
     images, labels = ds.as_uint8()  # [16, 3, 28, 28], as rendered
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
