@@ -272,7 +272,8 @@ def load_file(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle that is not plain data
-        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says what broke
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}" + (f": {first}" if first else "")) from None
 
 
 def rng_state():
