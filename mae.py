@@ -12,7 +12,14 @@ Run:     python mae.py                                   # offline demo on the b
          python mae.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 8 mae.py --data imagenet --data-path /data/imagenet --accum-iter 8
 
-Results: see RESULTS below (filled in from measured runs, with hardware, torch version and command).
+Results (2-core Intel Xeon with AMX, no GPU, torch 2.14.1, bf16 autocast; kNN / linear-probe top-1 of the cls token
+and of the mean patch token, against the same encoder at its random initialisation):
+  python mae.py  (synthetic 32 px, 12 classes, ViT-micro/4, 3 epochs; 2 min 05 s)
+    loss 0.691 -> 0.472 -> 0.438; kNN 10.0 / 12.6, linear 14.0 / 14.2 (random init 9.5 / 9.9, 14.2 / 15.7; chance 8.3)
+  Fashion-MNIST, ViT-micro/4 at 28 px, 2 x 128 decoder, 6 epochs, the command in README.md (743 s pre-training)
+    loss 1.491 -> 0.491; kNN 82.1 / 81.6, linear 84.4 / 85.5 (random init 71.3 / 67.8, 79.2 / 79.3)
+  Against facebookresearch/mae (mae_vit_base_patch16, same weights and noise, fp32): bitwise the same loss
+  (1.859743) and predictions. Speed: README.md, Performance (MAE-B 224 px, batch 8: 4.4-4.6 img/s bf16 on this CPU).
 Deviations from the official code: masks are drawn from a generator seeded by (seed, rank, step) instead of the
 global RNG, so that resume is exact; the encoder lives under `encoder.` (timm names inside it); `patchify` handles
 non-square images; the demo/small presets are not the paper's recipe (see PRESETS).
@@ -28,10 +35,6 @@ from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, evaluate, random_init_encoder, report, save_image_grid
 from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
 from common.vit import Block, VisionTransformer, count_params, layer_norm, sincos_pos_embed_2d, vit_kwargs
-
-RESULTS = """
-(no measured results yet)
-"""
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
