@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from common import UserError
 from common.data import build_train_data, preview_images
-from common.evaluation import denormalize, evaluate, random_init_encoder, report, save_image_grid
+from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
 from common.vit import VisionTransformer, count_params, vit_kwargs
 
@@ -337,8 +337,7 @@ def main():
                                     f"SimMIM {cfg.model} epoch {epoch}, {masks.mask_count}/{masks.num_units} units of "
                                     f"{cfg.mask_patch_size}px hidden", run.autocast())
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                baseline = random_init_encoder(build_model, cfg, run.device)
-                run.write_log(kind="eval", epoch=epoch, **evaluate(model.encoder, baseline, run))
+                run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
     report("simmim", model.encoder, build_model, run, FINETUNE)  # monitors, fine-tune, encoder.pth, results.json

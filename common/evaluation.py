@@ -269,11 +269,13 @@ def finetune(encoder, run, epochs, pool="mean", recipe=None):
     return round(100.0 * correct / max(total, 1), 2)
 
 
-def random_init_encoder(build_model, cfg, device):
-    """The encoder as initialised before pre-training (the monitors' baseline), without touching the RNG."""
+def monitors(encoder, build_model, run):
+    """evaluate() of the encoder next to its baseline: the same encoder as initialised before pre-training (built
+    again from the run's seed, without touching the RNG)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg).encoder.to(device)
+        torch.manual_seed(run.cfg.seed)
+        baseline = build_model(run.cfg).encoder.to(run.device)
+    return evaluate(encoder, baseline, run)
 
 
 def report(method, encoder, build_model, run, finetune_recipe=None):
@@ -282,7 +284,7 @@ def report(method, encoder, build_model, run, finetune_recipe=None):
     cfg = run.cfg
     results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
                "final_loss": run.last_loss,
-               "eval": evaluate(encoder, random_init_encoder(build_model, cfg, run.device), run)}
+               "eval": monitors(encoder, build_model, run)}
     if cfg.finetune_epochs:
         results["finetune_top1"] = finetune(encoder, run, cfg.finetune_epochs, recipe=finetune_recipe)
         run.log(f"fine-tune top-1: {results['finetune_top1']}")
