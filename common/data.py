@@ -10,6 +10,7 @@ Two training pipelines, same augmentation distribution:
   * resident: the whole split as one uint8 tensor on the training device; crop + resize + flip + normalise are
     done for the whole batch at once with `grid_sample` (synthetic, CIFAR, STL-10, MNIST, Fashion-MNIST).
 """
+import contextlib
 import gzip
 import math
 import os
@@ -66,6 +67,22 @@ def mix_seed(*values):
     for v in values:
         s = (s * 1_000_003 + int(v) + 1) % (2 ** 63)
     return s
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device=None):
+    """Run a block on the global generators seeded with `seed` -- the CPU one, and `device`'s when it is a CUDA
+    device -- then put their states back. For code that draws from the global RNG without a generator argument
+    (torchvision's random transforms, nn.Linear's init, drop path), so that it neither depends on nor shifts the
+    training's random stream. torch.manual_seed would reseed *every* CUDA device, which fork_rng(devices=[]) does
+    not restore: only the generators restored here are seeded."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -187,9 +204,8 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             if epoch is None:
                 img = self.transform(img)
-            else:  # torchvision's random transforms draw from the global torch RNG: fork it, seed it per image
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(mix_seed(self.seed, epoch, i))
+            else:  # torchvision's random transforms draw from the global CPU generator: seed it per image
+                with seeded_rng(mix_seed(self.seed, epoch, i)):
                     img = self.transform(img)
         return img, label
 
@@ -200,22 +216,27 @@ class SyntheticDataset(ImageDataset):
     SPLITS = {"pretrain": (0, 10_000), "train": (0, 5_000), "val": (1, 1_000)}  # (seed, length)
 
     def __init__(self, split, size):
-        self.split_seed, self.length = self.SPLITS[split]
+        self.split_seed, length = self.SPLITS[split]
+        self.ids = np.arange(length)  # which rendered images this split holds (a --subset keeps some of them)
         self.size = size
         self.num_classes = len(SYNTHETIC_CLASSES)
 
     def __len__(self):
-        return self.length
+        return len(self.ids)
+
+    @property
+    def labels(self):
+        return self.ids % len(SYNTHETIC_CLASSES)
 
     def render(self, i):
-        return render_synthetic(i, self.size, self.split_seed)
+        return render_synthetic(int(self.ids[i]), self.size, self.split_seed)
 
     def load(self, i):
         arr, label = self.render(i)
         return Image.fromarray(arr), label
 
     def as_uint8(self):
-        imgs, labels = zip(*(self.render(i) for i in range(self.length)))
+        imgs, labels = zip(*(self.render(i) for i in range(len(self))))
         return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)  # [N, 3, H, W]
 
 
@@ -326,8 +347,9 @@ def _download(make, name, root):
                         f"put its files there or pass --data-path") from None
 
 
-def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=None):
+def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=None, seed=0):
     """split: "pretrain" (the images pre-training sees), "train" (labelled, for probes), "val" (labelled).
+    `subset`: keep N images, drawn at random from `seed` with every class in proportion (take_subset).
     Returns an ImageDataset, or None when the dataset has no such split (an unlabelled folder has no val)."""
     import torchvision.datasets as tvd
     if name not in DATASETS:
@@ -375,19 +397,36 @@ def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=No
     else:  # mnist, fashion-mnist
         ds = _mnist_like(name, split != "val", root)
     if subset and subset < len(ds):
-        ds = _take_first(ds, subset)
+        ds = take_subset(ds, subset, seed)
     ds.transform = transform
     return ds
 
 
-def _take_first(ds, n):
-    """The first n images (smoke tests, quick experiments)."""
+def stratified_indices(labels, n, seed):
+    """n indices drawn at random (from `seed`) so that every label keeps its share: each class gets the floor of
+    n x its fraction, and the images left over go to the classes with the largest remainders (Hamilton's method).
+    Unlabelled data (all -1) is one class. Returns the indices in increasing order."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)  # [classes], sums to n
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[: n - take.sum()]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def take_subset(ds, n, seed=0):
+    """--subset: n images of the split, a seeded random draw that keeps every class in proportion (a plain "first
+    n" of a class-sorted folder would show pre-training a few classes, and give the probe's train and val splits
+    different ones)."""
+    idx = stratified_indices(ds.labels, n, seed)
     if isinstance(ds, SyntheticDataset):
-        ds.length = n
+        ds.ids = ds.ids[idx]
     elif isinstance(ds, ArrayDataset):
-        ds.images, ds.labels = ds.images[:n], ds.labels[:n]
+        ds.images, ds.labels = ds.images[idx], ds.labels[idx]
     else:
-        ds.files, ds.labels = ds.files[:n], ds.labels[:n]
+        ds.files, ds.labels = [ds.files[i] for i in idx], [ds.labels[i] for i in idx]
     return ds
 
 
@@ -408,28 +447,43 @@ def pretrain_transform(img_size, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpol
     ])
 
 
-def eval_transform(img_size, native_size=0):
-    """Resize(img_size / 0.875) + CenterCrop for large images (the ImageNet protocol); images no larger than the
-    model input (CIFAR, MNIST) are only resized to it."""
-    if native_size and native_size <= img_size:
-        resize = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)]
-    else:
-        resize = [T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
-                  T.CenterCrop(img_size)]
-    return T.Compose(resize + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class EvalResize:
+    """Resize(img_size / 0.875) + CenterCrop(img_size) for an image larger than the input (the ImageNet protocol);
+    an image no larger than the input (CIFAR, MNIST, a folder of 32-px images) is only resized to it, decided per
+    image, so that a folder of small images is not cropped like ImageNet photos."""
+
+    def __init__(self, img_size):
+        self.whole = T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)
+        self.crop = T.Compose([T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+                               T.CenterCrop(img_size)])
+        self.img_size = img_size
+
+    def __call__(self, img):
+        return self.whole(img) if min(img.size) <= self.img_size else self.crop(img)
 
 
-def finetune_transform(img_size):
-    """Fine-tuning augmentation: RandomResizedCrop(0.08-1, bicubic) + flip + RandAugment(2 ops, magnitude 9).
-    official (MAE/SimMIM): timm rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, random erasing 0.25; we: torchvision's
-    RandAugment and no mixup/cutmix/erasing, to keep this a short readable monitor."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandAugment(num_ops=2, magnitude=9),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def eval_transform(img_size):
+    """The evaluation transform: EvalResize, then ImageNet normalisation."""
+    return T.Compose([EvalResize(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def finetune_transform(img_size, crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25):
+    """Fine-tuning augmentation per image (mixup/cutmix act on the batch, evaluation.mix_batch):
+    RandomResizedCrop(crop_scale, bicubic) + flip + RandAugment(2 ops, magnitude `rand_augment`; 0 = off) +
+    normalise + RandomErasing(p = `erasing`, per-pixel N(0, 1) fill, one box).
+    official (MAE, SimMIM): timm's `rand-m9-mstd0.5-inc1` and RandomErasing(mode "pixel", count 1). we:
+    torchvision's RandAugment, which differs in three ways: every chosen op is applied (timm: each with p 0.5), the
+    magnitude is fixed at 9 (timm: drawn per op from N(9, 0.5)), and its op list has Identity and plain Solarize /
+    Posterize where timm's "inc1" has SolarizeAdd and severity that grows with the magnitude. torchvision's
+    RandomErasing with value="random" is timm's "pixel" mode (area 2-33 %, log-uniform aspect 0.3-3.3)."""
+    steps = [T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip()]
+    if rand_augment:
+        steps.append(T.RandAugment(num_ops=2, magnitude=rand_augment))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if erasing:
+        steps.append(T.RandomErasing(p=erasing, value="random"))
+    return T.Compose(steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -584,7 +638,7 @@ def resident_fits(num_bytes, device):
 def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print):
     """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader."""
     info = DATASETS[cfg.data]
-    ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset)
+    ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, seed=cfg.seed)
     if len(ds) // dist.world_size < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ds)} images of {cfg.data}"
                         + (f" split over {dist.world_size} processes" if dist.world_size > 1 else ""))
@@ -625,7 +679,7 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
     shards by itself). None when the dataset has no such labelled split."""
     info = DATASETS[cfg.data]
     ds = build_dataset(cfg.data, split, cfg.data_path, cfg.img_size, cfg.subset,
-                       transform or eval_transform(cfg.img_size, info.stored_size(cfg.img_size)))
+                       transform or eval_transform(cfg.img_size), seed=cfg.seed)
     if ds is None:
         return None
     if transform is None and info.in_memory and info.stored_size(cfg.img_size) == cfg.img_size:
@@ -638,9 +692,8 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
 
 def preview_images(cfg, dist, n=8):
     """The first n images of the val split (or of the pre-training split), eval transform: [n, 3, H, W]."""
-    info = DATASETS[cfg.data]
-    transform = eval_transform(cfg.img_size, info.stored_size(cfg.img_size))
-    ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform)
+    transform = eval_transform(cfg.img_size)
+    ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
     if ds is None:
-        ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform)
+        ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])

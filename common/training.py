@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import datetime
 import inspect
+import io
 import json
 import math
 import os
@@ -64,11 +65,12 @@ class TrainConfig:
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
     eval_only: bool = False  # only evaluate the --resume checkpoint
     eval_every: int = 0  # evaluate (kNN + linear probe) every N epochs, 0 = only at the end
-    finetune_epochs: int = 0  # after pre-training, fine-tune the encoder for N epochs and report top-1
+    finetune_epochs: int = 0  # after pre-training, fine-tune for N epochs (the file's FINETUNE recipe for the input size)
+    finetune_baseline: bool = False  # also fine-tune the random-init encoder (same recipe, data and budget)
     max_steps: int = 0  # stop after this many steps in total (smoke tests), 0 = no cap
     ckpt_every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
     log_every: int = 20  # progress/log every N steps (a host sync)
-    subset: int = 0  # use only the first N images of each split (quick experiments), 0 = all
+    subset: int = 0  # use N images of each split, a seeded draw with every class in proportion (0 = all)
     device: str = ""  # cpu, cuda, cuda:1 (default: cuda when available)
 
     def check(self):
@@ -92,6 +94,9 @@ class TrainConfig:
             raise UserError(f"--img-size {self.img_size} is not divisible by --patch-size {self.patch_size}")
         if self.eval_only and not self.resume:
             raise UserError("--eval-only needs --resume PATH (or auto)")
+        if self.warmup_epochs >= self.epochs:  # the lr would rise all run long and never decay
+            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.epochs}; "
+                            f"give a shorter --warmup-epochs (presets set it for their full-length --epochs)")
 
 
 def field_help(cls):
@@ -109,27 +114,57 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(cls, description):
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     argument_default=argparse.SUPPRESS)
+def presets_epilog(presets):
+    """--help's closing text: which preset each dataset takes, and every value each preset sets."""
+    lines = ["Defaults above are those of a bare run (--data synthetic: the demo preset; 'imagenet:' gives the",
+             "class default where the preset changes it). Another --data takes its scale's preset for every flag",
+             "not given on the command line (--img-size: the dataset's native size unless the preset sets it):"]
+    def flag(name, value):
+        name = name.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    for scale, values in presets.items():
+        names = ", ".join(name for name, info in DATASETS.items() if info.scale == scale)
+        line = f"  {scale} ({names}):" + ("" if values else " the defaults (paper recipe)")
+        for item in (flag(k, v) for k, v in values.items()):  # wrapped between flags, never inside one
+            if len(line) + 1 + len(item) > 100:
+                lines.append(line)
+                line = "     "
+            line += " " + item
+        lines.append(line)
+    lines.append("The resolved config is printed at start and saved to <out>/config.json.")
+    return "\n".join(lines)
+
+
+def build_parser(cls, description, presets=None):
+    """One option per field (no aliases), its help from the field's comment, and the default a bare
+    `python method.py` really uses: the demo preset's value where it sets one."""
+    presets = presets or {}
+    bare = presets.get(DATASETS[cls.data].scale, {})
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS, epilog=presets_epilog(presets) if presets else None)
     hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        text = helps.get(f.name, "") + (f" [default: {f.default}]" if f.default not in (None, "") else "")
+        default = bare.get(f.name, f.default)
+        text = helps.get(f.name, "") + (f" [default: {default}" if default not in (None, "") else "")
+        if f.name in bare and bare[f.name] != f.default:
+            text += f"; imagenet: {f.default}" if f.default not in (None, "") else ""
+        text += "]" if default not in (None, "") else ""
+        flag = f"--{f.name.replace('_', '-')}"
         if kind is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(*flags, dest=f.name, type=kind, help=text, metavar=kind.__name__.upper())
+            parser.add_argument(flag, dest=f.name, type=kind, help=text, metavar=kind.__name__.upper())
     return parser
 
 
 def parse_config(cls, presets, argv=None, description=None):
     """Command line -> config. Precedence: command line > the method's preset for the dataset's scale > defaults.
     Returns (config, the preset fields that were applied)."""
-    given = vars(build_parser(cls, description).parse_args(argv))
+    given = vars(build_parser(cls, description, presets).parse_args(argv))
     data = given.get("data", cls.data)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}; choose from {', '.join(DATASETS)}")
@@ -189,11 +224,30 @@ def cpu_has_fast_bf16():
 def resolve_amp(amp, device):
     """--amp -> torch dtype for autocast (None = fp32)."""
     if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cuda":  # native bf16 only (Ampere and newer): V100/T4 emulate it slowly, fp16 is fast there
+            amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             amp = "bf16" if cpu_has_fast_bf16() else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def use_fast_cuda_math(device):
+    """On CUDA: fp32 matmuls and convolutions on TF32 tensor cores (as PyTorch < 1.12 did by default, and as the
+    official repositories ran), and cuDNN autotuning for the fixed input shapes of training. No-op elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def interactive():
+    """Progress bars only on a terminal: under SLURM, CI or `> log` every redraw would be a line in the file."""
+    return sys.stderr.isatty()
+
+
+def progress(iterable=None, is_main=True, **kwargs):
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise a silent pass-through (the caller logs lines)."""
+    return tqdm(iterable, disable=not (is_main and interactive()), dynamic_ncols=True, leave=False, **kwargs)
 
 
 def set_grad_sync(model, sync):
@@ -274,6 +328,16 @@ def load_file(path, what="checkpoint"):
     except Exception as e:  # truncated zip, not a torch file, a pickle that is not plain data
         first = (str(e).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says what broke
         raise UserError(f"cannot read {what} {path}: {type(e).__name__}" + (f": {first}" if first else "")) from None
+
+
+def gather_bytes(obj):
+    """Every rank's `obj` (tensors and plain containers), on every rank, through torch.save bytes: all_gather_object
+    cannot unpickle the generators' state tensors."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payloads = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(payloads, buf.getvalue())
+    return payloads
 
 
 def rng_state():
@@ -359,7 +423,15 @@ class Run:
             raise UserError("--amp fp16 needs CUDA; use bf16 or fp32 on the CPU")
         if cfg.compile is None:
             cfg.compile = self.device.type == "cuda"
-        self.global_batch = cfg.batch_size * self.dist.world_size * cfg.accum_iter
+        use_fast_cuda_math(self.device)
+        self.preset = preset or {}
+        world = self.dist.world_size
+        if "accum_iter" in self.preset and world > 1:  # the preset's global batch, whatever the process count
+            cfg.accum_iter = max(1, round(self.preset["accum_iter"] / world))
+            self.log(f"the preset's --accum-iter {self.preset['accum_iter']} is for one process: {cfg.accum_iter} per "
+                     f"process with {world} processes (global batch {cfg.batch_size * world * cfg.accum_iter}, "
+                     f"preset: {cfg.batch_size * self.preset['accum_iter']})")
+        self.global_batch = cfg.batch_size * world * cfg.accum_iter
         if cfg.lr is None:
             cfg.lr = cfg.blr * self.global_batch / cfg.lr_batch_div
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -370,7 +442,6 @@ class Run:
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed(cfg.seed + self.dist.rank)
         torch.manual_seed(cfg.seed + self.dist.rank)
-        self.preset = preset or {}
         self.stop = StopSignal(self.log)
         self.guard = NonFiniteGuard(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -441,8 +512,8 @@ class Run:
         self.epoch_loss = torch.zeros((), device=self.device)
         self.epoch_steps, self.epoch_t0 = 0, time.perf_counter()
         self.last_log_t, self.last_log_step = time.perf_counter(), epoch * steps_per_epoch + start_step
-        self.bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not self.is_main,
-                        dynamic_ncols=True, leave=False)
+        self.epoch = epoch
+        self.bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", is_main=self.is_main)
         self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation of the previous epoch is discarded
 
     def end_of_step(self, epoch, step, loss, lr, grad_norm=None):
@@ -474,12 +545,25 @@ class Run:
 
     def log_step(self, it, loss, lr):
         self.guard.check()
-        loss = loss.item()  # the host sync of this step
+        loss = self.mean_over_ranks(loss.detach().float()).item()  # the host sync of this step
         now = time.perf_counter()
         imgs_per_s = (it + 1 - self.last_log_step) * self.cfg.batch_size * self.dist.world_size / (now - self.last_log_t)
         self.last_log_t, self.last_log_step = now, it + 1
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}")
+        if self.bar.disable:  # not a terminal: one plain line per logged step instead of a redrawn bar
+            self.log(f"epoch {self.epoch} step {it % self.steps_per_epoch + 1}/{self.steps_per_epoch}: loss "
+                     f"{loss:.4f}, lr {lr:.2e}, {imgs_per_s:.0f} img/s")
+        else:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}")
         self.write_log(kind="step", step=it, loss=loss, lr=lr, img_per_s=round(imgs_per_s, 1))
+
+    def mean_over_ranks(self, value):
+        """The mean of a tensor over the processes (the official `all_reduce_mean`); itself in one process.
+        SUM then divide: gloo has no AVG."""
+        if self.dist.world_size == 1:
+            return value
+        value = value.clone()
+        torch_dist.all_reduce(value)
+        return value / self.dist.world_size
 
     def stop_requested(self):
         """The stop signal, agreed by all ranks (every --log-every steps under DDP so no rank waits on another)."""
@@ -495,7 +579,7 @@ class Run:
         """Epoch summary line in log.jsonl, then the epoch checkpoint."""
         self.guard.check()
         seconds = time.perf_counter() - self.epoch_t0
-        loss = self.last_loss = (self.epoch_loss / max(self.epoch_steps, 1)).item()
+        loss = self.last_loss = self.mean_over_ranks(self.epoch_loss / max(self.epoch_steps, 1)).item()
         imgs = self.epoch_steps * self.cfg.batch_size * self.dist.world_size
         self.bar.close()
         self.bar = None
@@ -535,13 +619,16 @@ class Run:
             raise NonFiniteError(self.global_step - 1)
         if step == self.steps_per_epoch:
             epoch, step = epoch + 1, 0
+        rng = [rng_state()]  # every rank's generators: drop path and the like differ per rank and must resume so
+        if self.dist.world_size > 1:
+            rng = [torch.load(io.BytesIO(b), weights_only=True) for b in gather_bytes(rng_state())]
         if not self.is_main:
             return
         t = time.perf_counter()
         atomic_save({
             "method": self.method, "config": asdict(self.cfg), "epoch": epoch, "step": step,
             "global_step": self.global_step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "scaler": self.scaler.state_dict(), "rng": rng,
         }, self.ckpt_path)
         self.write_log(kind="checkpoint", epoch=epoch, step=step, seconds=round(time.perf_counter() - t, 3))
 
@@ -566,13 +653,27 @@ class Run:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+        self.global_step = ckpt["global_step"]
         if not self.cfg.eval_only:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-        self.global_step = ckpt["global_step"]
+            self.restore_rng(ckpt["rng"])
         self.log(f"resumed {path}: epoch {ckpt['epoch']}, step {ckpt['step']} (global step {self.global_step})")
         return ckpt["epoch"], ckpt["step"]
+
+    def restore_rng(self, states):
+        """This rank's generator states from the checkpoint (one per rank). Resumed with another process count,
+        there is no state to take: each rank then reseeds from (seed, rank, global step), and says so."""
+        rank, world = self.dist.rank, self.dist.world_size
+        if len(states) == world:
+            set_rng_state(states[rank])
+            return
+        self.log(f"the checkpoint holds the random state of {len(states)} process(es), this run has {world}: "
+                 f"reseeding every rank from (seed, rank, step); the run goes on, but not bitwise as it would have")
+        seed = mix_seed(self.cfg.seed, rank, self.global_step)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
 
     def save_file(self, obj, name):
         """A rank-0 output file (encoder.pth, ...), written atomically."""

@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 
 # A tiny end-to-end configuration shared by the CLI tests: 2 blocks of width 64, 16 tokens, 64 images.
 TINY = ["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--subset", "64", "--batch-size", "16",
-        "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--log-every", "1"]
+        "--epochs", "2", "--warmup-epochs", "0.5", "--workers", "0", "--log-every", "1"]
 
 
 def run_script(script, *args, timeout=300, env=None, check=True):

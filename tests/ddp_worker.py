@@ -2,10 +2,12 @@
 
 Checks what the training loop's DDP pieces promise: `set_grad_sync(model, False)` (a non-final micro-step of an
 accumulation) leaves each rank's gradients local, `set_grad_sync(model, True)` averages them; the data order
-shards the epoch disjointly over the ranks and reshuffles every epoch. Exits non-zero on failure.
+shards the epoch disjointly over the ranks and reshuffles every epoch; the logged loss is the mean over the ranks.
+Exits non-zero on failure.
 """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.data import epoch_order  # noqa: E402
-from common.training import set_grad_sync, setup_distributed  # noqa: E402
+from common.training import Run, set_grad_sync, setup_distributed  # noqa: E402
 
 
 def gathered(t):
@@ -40,6 +42,10 @@ def main():
     assert torch.equal(g0, g1), "gradients differ after a sync step"
     expected = sum(gathered(local)) / 2 * 2  # each rank: 2 x its local grad, then averaged over ranks
     assert torch.allclose(g0, expected), (g0, expected)
+
+    # the logged loss is the mean over the ranks (official `all_reduce_mean`): 1 and 2 -> 1.5 on both
+    mean = Run.mean_over_ranks(SimpleNamespace(dist=d), torch.tensor(float(d.rank + 1)))
+    assert mean.item() == 1.5, mean
 
     a = epoch_order(20, seed=0, epoch=0, rank=d.rank, world=2)
     others = gathered(a)

@@ -1,6 +1,7 @@
 """common/: ViT pieces, schedule, optimizer groups, config parsing, synthetic data, image decoding."""
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import UserError
-from common.data import (SYNTHETIC_CLASSES, build_dataset, epoch_order, render_synthetic, scan_folder, to_rgb)
-from common.training import TrainConfig, cosine_lr, field_help, param_groups, parse_config
+from common.data import (SYNTHETIC_CLASSES, ArrayDataset, build_dataset, epoch_order, render_synthetic, scan_folder,
+                         seeded_rng, stratified_indices, to_rgb)
+from common.training import (Dist, Run, TrainConfig, build_parser, cosine_lr, field_help, param_groups, parse_config,
+                             resolve_amp, use_fast_cuda_math)
 from common.vit import (Attention, VisionTransformer, explicit_attention, relative_position_index,
                         sincos_pos_embed_2d)
 
@@ -95,6 +98,8 @@ def test_param_groups_decay_rules():
     assert "pos_embed" not in decayed | undecayed  # frozen sin-cos table: not optimised at all
     assert "cls_token" in decayed  # 3-D, decayed as in the official MAE
     assert all(n.endswith(".bias") or "norm" in n for n in undecayed)
+    biases = {n for n in names.values() if n.endswith(".bias")}
+    assert biases and biases <= undecayed and not biases & decayed  # every bias, and only there
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= decayed
     _, plain2 = param_groups(enc, 0.05, no_decay=("cls_token",))
     assert "cls_token" in {names[id(p)] for p in plain2["params"]}
@@ -102,10 +107,10 @@ def test_param_groups_decay_rules():
 
 # ------------------------------------------------------------------------------------------------------------ config
 def test_config_presets_cli_and_help():
-    presets = {"demo": {"epochs": 3, "batch_size": 8}}
+    presets = {"demo": {"epochs": 3, "warmup_epochs": 1, "batch_size": 8}}
     cfg, applied = parse_config(TrainConfig, presets, ["--batch-size", "4", "--model", "vit_nano"])
     assert (cfg.epochs, cfg.batch_size, cfg.patch_size) == (3, 4, 16)  # preset, command line, model default
-    assert applied == {"epochs": 3, "workers": min(8, os.cpu_count())}  # workers: no more than cores
+    assert applied == {"epochs": 3, "warmup_epochs": 1, "workers": min(8, os.cpu_count())}  # workers: <= cores
     cfg, _ = parse_config(TrainConfig, presets, ["--data", "imagenet", "--model", "vit_huge"])
     assert (cfg.epochs, cfg.patch_size) == (800, 14)  # imagenet: no preset, class defaults
     assert "pre-training epochs" in field_help(TrainConfig)["epochs"]
@@ -113,6 +118,62 @@ def test_config_presets_cli_and_help():
                 ["--img-size", "30", "--patch-size", "4"], ["--amp", "fp8"]):
         with pytest.raises(UserError):
             parse_config(TrainConfig, presets, bad)
+
+
+def test_warmup_as_long_as_the_run_is_an_error():
+    presets = {"small": {"epochs": 2000, "warmup_epochs": 200}}
+    with pytest.raises(UserError, match="--warmup-epochs 200 is not shorter than --epochs 100"):
+        parse_config(TrainConfig, presets, ["--data", "cifar10", "--epochs", "100"])
+    with pytest.raises(UserError, match="not shorter"):
+        parse_config(TrainConfig, presets, ["--epochs", "5", "--warmup-epochs", "5"])
+    cfg, _ = parse_config(TrainConfig, presets, ["--data", "cifar10", "--epochs", "100", "--warmup-epochs", "10"])
+    assert (cfg.epochs, cfg.warmup_epochs) == (100, 10)
+
+
+def test_help_shows_the_bare_run_defaults_and_the_presets_once():
+    import mae
+    text = build_parser(mae.Config, "MAE", mae.PRESETS).format_help()
+    flat = " ".join(text.split())
+    assert "pre-training epochs [default: 3; imagenet: 800]" in flat  # the demo preset's value, then the class's
+    assert "small (cifar10, cifar100, mnist, fashion-mnist): --patch-size 2 --model vit_tiny" in flat
+    assert "medium (stl10):" in flat and "imagenet (imagenet, folder): the defaults" in flat
+    options = re.findall(r"^\s+(--[\w-]+)", text, re.M)
+    assert len(options) == len(set(options)) and "--data-path" in options and "--data_path" not in text
+
+
+def test_accum_iter_of_a_preset_is_split_over_the_processes(tmp_path, monkeypatch):
+    """A preset's --accum-iter reaches its global batch on one process; under torchrun with W processes each takes
+    accum / W steps, so the global batch and the lr stay the preset's. A value given by the user is kept."""
+    import common.training as training
+    monkeypatch.setattr(training, "setup_distributed", lambda device: Dist(0, 8, 0, torch.device("cpu")))
+    presets = {"small": {"batch_size": 512, "accum_iter": 8}}
+    cfg, applied = parse_config(TrainConfig, presets, ["--data", "cifar10", "--out", str(tmp_path / "a")])
+    run = Run(cfg, "test", applied)
+    assert (cfg.accum_iter, run.global_batch) == (1, 4096) and cfg.lr == pytest.approx(cfg.blr * 4096 / 256)
+    cfg, applied = parse_config(TrainConfig, presets, ["--data", "cifar10", "--accum-iter", "8",
+                                                       "--out", str(tmp_path / "b")])
+    run = Run(cfg, "test", applied)
+    assert (cfg.accum_iter, run.global_batch) == (8, 512 * 8 * 8)  # the user's own value is per process
+
+
+def test_amp_auto_needs_native_bf16_on_cuda(monkeypatch):
+    """V100/T4 report bf16 support through emulation (slow): auto must ask for native support and pick fp16 there."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", cuda) == torch.float16  # emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_amp("auto", cuda) == torch.bfloat16  # native (Ampere and newer)
+    assert resolve_amp("fp32", cuda) is None and resolve_amp("fp16", cuda) == torch.float16
+
+
+def test_tf32_and_cudnn_benchmark_on_cuda_only(monkeypatch):
+    for flag in ("allow_tf32", "benchmark"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    use_fast_cuda_math(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+    use_fast_cuda_math(torch.device("cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -167,8 +228,55 @@ def test_to_rgb_all_modes(mode):
     out = to_rgb(img)
     arr = np.asarray(out)
     assert out.mode == "RGB" and arr.shape == (8, 8, 3)
+    if mode in ("P", "PA", "RGBA", "CMYK"):  # colour stays colour: the palette's / the channels' RGB values
+        expected = np.asarray(img.convert("RGBA" if mode in ("P", "PA") else "RGB"))[..., :3]
+        assert np.array_equal(arr, expected) and len(set(arr[0, 0])) == 3
+    if mode in ("L", "LA", "1"):  # gray stays gray: three equal channels of the gray value
+        gray = np.asarray(img.convert("L"))
+        assert all(np.array_equal(arr[..., c], gray) for c in range(3))
     if mode == "I;16":  # scaled to 8 bits, not clipped to white
         assert arr[7, 7, 0] == round(63000 / 257) and arr[0, 1, 0] == round(1000 / 257)
+
+
+def test_subset_is_seeded_random_and_keeps_classes_in_proportion(tmp_path):
+    labels = np.repeat([0, 1, 2], [60, 30, 10])  # class-sorted, as a folder scan returns them
+    idx = stratified_indices(labels, 20, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [12, 6, 2]  # 60 : 30 : 10
+    assert len(set(idx)) == 20 and not np.array_equal(idx, np.arange(20))  # not the first 20 (all class 0)
+    assert np.array_equal(idx, stratified_indices(labels, 20, seed=0))
+    assert not np.array_equal(idx, stratified_indices(labels, 20, seed=1))
+    assert np.bincount(labels[stratified_indices(labels, 7, 0)]).tolist() == [4, 2, 1]  # remainders: 4.2, 2.1, 0.7
+    for cls, n in (("a", 6), ("b", 6), ("c", 3)):  # a class-sorted folder through build_dataset
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "train" / cls / f"{i}.png")
+    ds = build_dataset("folder", "pretrain", str(tmp_path), subset=5, seed=3)
+    assert len(ds) == 5 and sorted(ds.labels) == [0, 0, 1, 1, 2]
+    arr = ArrayDataset(np.zeros((100, 4, 4), np.uint8), labels, 3)
+    syn = build_dataset("synthetic", "pretrain", img_size=8, subset=24)
+    assert np.bincount(syn.labels).tolist() == [2] * 12 and len(syn.as_uint8()[0]) == 24
+    assert len(arr) == 100
+
+
+def test_seeded_rng_restores_state_and_never_reseeds_cuda(monkeypatch):
+    """Code that draws from the global generators (transforms, probe heads, the baseline's init) runs seeded and
+    leaves the training's stream as it was; torch.manual_seed inside a CPU-only fork would reseed every CUDA device."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    calls.clear()
+    with seeded_rng(11):
+        a = torch.rand(2)
+    with seeded_rng(11):
+        assert torch.equal(torch.rand(2), a)  # the same draws from the same seed
+    assert torch.equal(torch.rand(3), expected)  # the outer stream untouched
+    ds = build_dataset("synthetic", "pretrain", img_size=8, subset=4)
+    from common.data import pretrain_transform
+    ds.transform = pretrain_transform(8, (0.2, 1.0))
+    assert torch.equal(ds[(2, 0)][0], ds[(2, 0)][0])  # (index, epoch) keys: seeded per image
+    assert calls == []
 
 
 def test_scan_folder_labelled_and_flat(tmp_path):
@@ -185,22 +293,23 @@ def test_scan_folder_labelled_and_flat(tmp_path):
 
 
 def test_eval_transform_crops_only_images_larger_than_the_input():
-    """ImageNet protocol (resize to 1/0.875, centre crop) for large images; images stored at or below the input size
-    (synthetic, rendered at it; Fashion-MNIST 28 -> 32 px) are only resized, nothing is cut off."""
+    """ImageNet protocol (resize to 1/0.875, centre crop) for large images; images at or below the input size
+    (synthetic, rendered at it; Fashion-MNIST 28 -> 32 px; a folder of small images) are only resized, nothing is
+    cut off: decided per image."""
     from types import SimpleNamespace
     from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, eval_transform
     framed = np.zeros((28, 28, 3), dtype=np.uint8)
     framed[:1], framed[-1:], framed[:, :1], framed[:, -1:] = 255, 255, 255, 255  # a white frame, black inside
-    whole = eval_transform(32, 28)(Image.fromarray(framed))  # [3, 32, 32]
+    whole = eval_transform(32)(Image.fromarray(framed))  # [3, 32, 32]: 28 <= 32, resized only
     cut = eval_transform(32)(Image.fromarray(framed).resize((56, 56), Image.NEAREST))  # 56 -> 37 -> centre 32
     assert whole.shape == cut.shape == (3, 32, 32)
     assert whole[:, 0].mean() > 2 and whole[:, -1].mean() > 2 and whole[:, :, 0].mean() > 2  # white, normalised
     assert cut[:, 0].mean() < -1.5 and cut[:, :, 0].mean() < -1.5  # black
-    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0)
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0, seed=0)
     loader = build_eval_loader(cfg, "val", SimpleNamespace(device=torch.device("cpu")))
     assert type(loader.dataset).__name__ == "TensorImages"  # the images as rendered, normalised without PIL
     x, y = next(iter(loader))
-    ds = build_dataset("synthetic", "val", img_size=28, subset=16)
+    ds = build_dataset("synthetic", "val", img_size=28, subset=16, seed=0)
     images, labels = ds.as_uint8()  # [16, 3, 28, 28], as rendered
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(x, (images / 255 - mean) / std, atol=1e-5) and torch.equal(y, labels)

@@ -62,7 +62,7 @@ def test_crop_resize_matches_tensor_resized_crop():
 def test_resident_and_loader_paths_agree_in_distribution():
     """Both pipelines give normalised batches of the same shape and similar per-channel statistics."""
     ds = SyntheticDataset("pretrain", 32)
-    ds.length = 256
+    ds.ids = ds.ids[:256]
     images, labels = ds.as_uint8()
     resident = ResidentData(images, labels, 64, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, CPU)
     ds.transform = pretrain_transform(32, (0.2, 1.0))
@@ -80,7 +80,7 @@ def test_resident_and_loader_paths_agree_in_distribution():
 
 def test_loader_path_is_reproducible_per_epoch_and_resumable():
     ds = SyntheticDataset("pretrain", 16)
-    ds.length = 48
+    ds.ids = ds.ids[:48]
     ds.transform = pretrain_transform(16, (0.2, 1.0))
     loader = LoaderData(ds, 8, 0, 0, 1, 0, CPU)
     e1 = [x for x, _ in loader.epoch(1)]

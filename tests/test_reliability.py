@@ -1,6 +1,7 @@
 """Reliability: exact resume, atomic checkpoints, preemption by signal, the non-finite guard, bad input, DDP."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,7 +56,7 @@ def test_checkpoint_contents(tmp_path):
     ckpt = load(out / "checkpoint.pth")  # weights_only: plain tensors and containers only
     assert {"method", "config", "epoch", "step", "global_step", "model", "optimizer", "scaler", "rng"} <= set(ckpt)
     assert ckpt["method"] == "mae" and ckpt["config"]["model"] == "vit_nano"
-    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    assert len(ckpt["rng"]) == 1 and {"python", "numpy", "torch"} <= set(ckpt["rng"][0])  # one state per rank
     saved = [c for c in read_log(out, "checkpoint")]
     assert [(c["epoch"], c["step"]) for c in saved] == [(0, 2), (1, 0), (1, 0)]  # step 2, step 4 = epoch end
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
@@ -192,6 +193,7 @@ BAD_INPUTS = [
     (["--eval-only"], "--eval-only needs --resume"),
     (["--out", "/proc/mim-test-out"], "not writable"),
     (["--amp", "fp16"], "fp16 needs CUDA"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2"),
 ]
 
 
@@ -254,6 +256,55 @@ def test_unusual_but_valid_images_load(tmp_path):
     assert read_log(out, "epoch")[0]["loss"] > 0
 
 
+@pytest.mark.parametrize("script,args", [("mae.py", MAE_TINY), ("simmim.py", TINY + ["--mask-patch-size", "8"])])
+def test_warmup_as_long_as_the_run_is_one_line(tmp_path, script, args):
+    proc = run_script(script, *args, "--epochs", "3", "--warmup-epochs", "3", "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--warmup-epochs 3 is not shorter than --epochs 3" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_train_val_folder_with_uppercase_jpeg_through_evaluation_and_finetune(tmp_path):
+    """The ImageNet layout (train/ and val/ class folders, `.JPEG` names) through pre-training with a seeded
+    --subset, the monitors and fine-tuning; the subset keeps both classes in train and val."""
+    for split, n in (("train", 12), ("val", 6)):
+        for c, colour in (("n01", (200, 30, 30)), ("n02", (30, 30, 200))):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                noise = np.random.default_rng(i).integers(0, 40, (24, 24, 3))
+                Image.fromarray((np.array(colour) + noise).clip(0, 255).astype(np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{c}_{i}.JPEG", format="JPEG")
+    out = tmp_path / "out"
+    proc = run_script("mae.py", *MAE_TINY, "--data", "folder", "--data-path", tmp_path / "data", "--subset", "16",
+                      "--batch-size", "4", "--epochs", "1", "--finetune-epochs", "1", "--out", out)
+    assert "data: folder, 16 images" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["eval"]["pretrained"]) == {"knn_cls", "knn_mean", "linear_cls", "linear_mean"}
+    assert results["eval"]["pretrained"]["knn_mean"] == 100.0  # two colours: trivially separable
+    assert 0 <= results["finetune"]["pretrained"] <= 100 and (out / "encoder.pth").exists()
+
+
+def test_logs_without_a_terminal_are_lines_not_bar_redraws(tmp_path):
+    """stdout/stderr are pipes here (as under SLURM, CI or `> log`): no tqdm redraws, one plain line per logged step;
+    --max-steps ending mid-epoch still writes the reconstruction grid of where it stopped."""
+    out = tmp_path / "run"
+    proc = run_script("mae.py", *MAE_TINY, "--max-steps", "3", "--out", out)  # 4 steps per epoch
+    assert "\r" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("epoch 0 step")] == [
+        line for line in proc.stdout.splitlines() if re.match(r"epoch 0 step [123]/4: loss [\d.]+, lr", line)]
+    assert len(re.findall(r"^epoch 0 step \d/4", proc.stdout, re.M)) == 3
+    assert (out / "recon_e0.png").exists()
+
+
+def test_eval_every_leaves_training_randomness_alone(tmp_path):
+    """SimMIM draws drop path from the global generator: an evaluation between epochs (probe heads built with
+    nn.Linear, the baseline encoder's init) must not shift it, or the losses after it would differ."""
+    args = [*TINY, "--mask-patch-size", "8", "--epochs", "3", "--drop-path", "0.5"]
+    run_script("simmim.py", *args, "--out", tmp_path / "plain")
+    run_script("simmim.py", *args, "--eval-every", "1", "--out", tmp_path / "eval")
+    assert len(read_log(tmp_path / "eval", "eval")) == 2
+    assert [s["loss"] for s in read_log(tmp_path / "eval", "step")] == [s["loss"] for s in read_log(tmp_path / "plain", "step")]
+
+
 def test_resume_rejects_corrupt_other_method_and_other_size(tmp_path, capsys):
     out = tmp_path / "run"
     run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
@@ -301,3 +352,31 @@ def test_ddp_two_processes(tmp_path):
 
 def test_ddp_grad_sync_skipped_on_accumulation_steps():
     torchrun(ROOT / "tests" / "ddp_worker.py")
+
+
+@pytest.mark.parametrize("script,args", [("mae.py", MAE_TINY), ("simmim.py", SIMMIM_TINY)])
+def test_ddp_finetune(tmp_path, script, args):
+    """torchrun x2 through fine-tuning (mean pooling: the encoder's final norm must be gone, or DDP fails at the
+    second step) and its random-init baseline; encoder.pth and results.json exist with both top-1s."""
+    out = tmp_path / "run"
+    torchrun(ROOT / script, *args, "--epochs", "1", "--subset", "128", "--finetune-epochs", "2", "--finetune-baseline",
+             "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["finetune"]["pretrained"] <= 100 and 0 <= results["finetune"]["random_init"] <= 100
+    assert results["eval"]["pretrained"] and (out / "encoder.pth").exists()
+
+
+def test_ddp_exact_resume(tmp_path):
+    """2 processes, stopped after 3 steps and resumed == 6 steps uninterrupted: bitwise the same logged losses (the
+    mean over both ranks) and weights. SimMIM's drop path differs per rank, so every rank's RNG must resume."""
+    args = [*SIMMIM_TINY, "--drop-path", "0.5", "--epochs", "3", "--max-steps", "6"]  # 2 steps per epoch
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun(ROOT / "simmim.py", *args, "--out", full)
+    torchrun(ROOT / "simmim.py", *args, "--max-steps", "3", "--out", part)
+    assert len(load(part / "checkpoint.pth")["rng"]) == 2  # one state per rank
+    torchrun(ROOT / "simmim.py", *args, "--out", part, "--resume", "auto")
+    losses_full = {s["step"]: s["loss"] for s in read_log(full, "step")}
+    assert sorted(losses_full) == list(range(6))
+    assert {s["step"]: s["loss"] for s in read_log(part, "step")} == losses_full
+    a, b = load(full / "checkpoint.pth")["model"], load(part / "checkpoint.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

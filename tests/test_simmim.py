@@ -241,7 +241,7 @@ def test_encoder_loads_into_timm_beit_with_same_features():
 
 def test_cli_end_to_end(tmp_path, tiny):
     out = tmp_path / "run"
-    run_script("simmim.py", *tiny, "--mask-patch-size", "8", "--out", out)
+    run_script("simmim.py", *tiny, "--mask-patch-size", "8", "--warmup-epochs", "1", "--out", out)
     for name in ("config.json", "log.jsonl", "checkpoint.pth", "encoder.pth", "recon_e0.png", "recon_e1.png",
                  "results.json"):
         assert (out / name).is_file(), name
