@@ -7,6 +7,7 @@ training step its main() runs, on random images already on the device (data load
 with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
 recipe with --model / --img-size / --patch-size / --batch-size replaced. Columns:
   params      trainable parameters.
+  tokens/s    img/s x the sequence positions of one image (patches; iGPT: pixels of its n_px x n_px grid).
   GFLOP/img   matmul and convolution FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode:
               "fwd" over one forward, "train" over one forward + backward (counted, not 3 x forward). Elementwise
               ops, norms, softmax and the optimizer are not counted (the usual MFU convention).
@@ -232,7 +233,8 @@ def bench_method(module, cfg, args, device):
     fwd, train = count_flops(lambda: module.training_loss(model, imgs, cfg, masks(0)))
     optimizer.zero_grad(set_to_none=True)
     row = {"method": name, "model": f"{cfg.model}/{cfg.patch_size} {cfg.img_size}px batch {cfg.batch_size}",
-           "params": count_params(model), "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
+           "params": count_params(model), "tokens_per_img": tokens_per_image(module, cfg),
+           "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
            "train_gflop_per_img": train / cfg.batch_size / 1e9}
     for precision, dtype, compiled in PRECISIONS:
         if compiled and not args.compile:
@@ -269,9 +271,17 @@ def bench_method(module, cfg, args, device):
     return row
 
 
+def tokens_per_image(module, cfg):
+    """Sequence positions per image: the method's own count (iGPT: one per pixel of its n_px grid) or the patches."""
+    if hasattr(module, "tokens_per_image"):
+        return module.tokens_per_image(cfg)
+    return (cfg.img_size // cfg.patch_size) ** 2
+
+
 def training_table(rows):
     head = ("| method | model | params (M) | fwd GFLOP/img | train GFLOP/img | fp32 img/s | fp32 MFU | bf16 img/s "
-            "| bf16 MFU | compiled bf16 img/s | compiled MFU | compile s | peak mem GiB fp32 / bf16 / compiled |")
+            "| bf16 tokens/s | bf16 MFU | compiled bf16 img/s | compiled MFU | compile s "
+            "| peak mem GiB fp32 / bf16 / compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         def cell(precision, key, fmt):
@@ -280,7 +290,9 @@ def training_table(rows):
         lines.append("| " + " | ".join([
             r["method"], r["model"], f"{r['params'] / 1e6:.2f}", f"{r['fwd_gflop_per_img']:.2f}",
             f"{r['train_gflop_per_img']:.2f}", cell("fp32", "img_s", "{:.1f}"), cell("fp32", "mfu", "{:.1%}"),
-            cell("bf16", "img_s", "{:.1f}"), cell("bf16", "mfu", "{:.1%}"), compiled,
+            cell("bf16", "img_s", "{:.1f}"),
+            f"{r['bf16']['img_s'] * r['tokens_per_img']:.0f}" if r["bf16"] else "—",
+            cell("bf16", "mfu", "{:.1%}"), compiled,
             cell("compiled_bf16", "mfu", "{:.1%}"), cell("compiled_bf16", "compile_s", "{:.0f}"),
             " / ".join(cell(p, "peak_mem_gib", "{:.2f}") for p, _, _ in PRECISIONS)]) + " |")
     return "\n".join(lines)

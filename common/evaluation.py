@@ -350,13 +350,15 @@ def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
                                                       drop_last=True) if world > 1 else None
         loader = DataLoader(train_loader.dataset, batch_size=cfg.batch_size, sampler=sampler,
                             shuffle=sampler is None, drop_last=True, num_workers=cfg.workers,
-                            pin_memory=run.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                            persistent_workers=cfg.workers > 0, pin_memory=run.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(cfg.seed))
         steps = len(loader)
         if steps == 0:
             run.log("fine-tuning skipped: fewer labelled images than one batch")
             return None
-        run.log(f"fine-tune ({name}): {epochs} epochs of {steps} steps, lr {lr:.3g}, {recipe}")
+        run.log(f"fine-tune ({name}): {epochs} epochs of {steps} steps, lr {lr:.3g}, recipe "
+                + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
         for epoch in range(epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -370,7 +372,9 @@ def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
                 loss = finetune_step(train_model, opt, scaler, imgs, targets, recipe.clip_grad, run.autocast())
                 total += loss.detach()
             run.log(f"fine-tune {name} epoch {epoch}: loss {run.mean_over_ranks(total / steps).item():.4f}")
-        return accuracy(model, val_loader, run)
+        top1 = accuracy(model, val_loader, run)
+        run.log(f"fine-tune {name}: top-1 {top1}")
+        return top1
 
 
 @torch.no_grad()

@@ -148,11 +148,10 @@ def build_parser(cls, description, presets=None):
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = bare.get(f.name, f.default)
-        text = helps.get(f.name, "") + (f" [default: {default}" if default not in (None, "") else "")
-        if f.name in bare and bare[f.name] != f.default:
-            text += f"; imagenet: {f.default}" if f.default not in (None, "") else ""
-        text += "]" if default not in (None, "") else ""
+        text, default = helps.get(f.name, ""), bare.get(f.name, f.default)
+        if default not in (None, ""):
+            other = f.default not in (None, "", default)  # the preset changed it: give the class default too
+            text += f" [default: {default}" + (f"; imagenet: {f.default}]" if other else "]")
         flag = f"--{f.name.replace('_', '-')}"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)

@@ -53,7 +53,8 @@ def test_bench_training_table(tmp_path):
     (row,) = result["rows"]
     cfg = bench.method_config(mae, bench.parse_args(flags))
     model = mae.build_model(cfg)
-    assert row["params"] == count_params(model)
+    assert row["params"] == count_params(model) and row["tokens_per_img"] == 16
+    assert f"| {row['bf16']['img_s'] * 16:.0f} |" in proc.stdout  # bf16 tokens/s
     fwd, train = bench.count_flops(lambda: mae.training_loss(model, torch.randn(2, 3, 16, 16), cfg,
                                                              torch.Generator().manual_seed(0)))
     assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
