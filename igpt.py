@@ -21,7 +21,7 @@ linear probe / kNN top-1 of the best layer, against the same model at its random
   python igpt.py  (synthetic 16 px = 256 tokens, 16 colours, 4 x 128, 2 epochs over 4000 images)
     loss 2.77 -> 1.449 -> 0.841 nats/token, val 0.832 nats/token (0.40 bits/dim); probe best layer 2 of 4: linear 9.3,
     kNN 10.2 (random init: 8.4, 10.1; chance 8.3): a few CPU-minutes of pixels are too few to beat a random decoder on
-    these shapes (as in the MAE/SimMIM demos). 15 min 35 s wall at load 10 (13 min pre-training), 3.6 CPU-minutes.
+    these shapes (as in the MAE/SimMIM demos). 2 min 01 s wall on the quiet machine (same numbers; 15 min 35 s at load 10).
   Fashion-MNIST at 16 x 16 = 256 tokens (28 px resized), 16 grey levels, igpt_micro (4 x 64, 4 heads, 0.22 M), 2 epochs
   over 15,000 images, the command in README.md; 1158 s of pre-training (7.3 CPU-minutes for the whole run):
     loss 2.77 -> 1.371 -> 0.888 nats/token; val 0.871 nats/token (0.419 bits/dim); linear probe by layer (embedding,
