@@ -52,7 +52,6 @@ runs a fixed number of epochs with flips (paper: early stopping); sampling draws
 """
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -62,14 +61,13 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_eval_loader, build_train_data,
-                         eval_transform, preview_images)
+                         eval_transform, preview_images, seeded_rng)
 from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
-                             set_grad_sync, set_lr)
+                             progress, set_grad_sync, set_lr)
 from common.vit import VIT_SIZES, count_params
 
 # name -> (width D, depth, heads). The paper's released sizes (Table/README: S 76 M, M 455 M, L 1362 M parameters;
@@ -587,7 +585,7 @@ def layer_features(model, loader, run, seed=0):
     model.eval()
     g = torch.Generator(device=run.device).manual_seed(seed)
     feats, labels, nats, count = [], [], torch.zeros((), dtype=torch.float64, device=run.device), 0
-    for imgs, y in tqdm(loader, desc="features", leave=False, disable=not (run.is_main and sys.stderr.isatty())):
+    for imgs, y in progress(loader, run.is_main, desc="features"):
         imgs = imgs.to(run.device, non_blocking=True)
         x = model.tokenize(imgs)  # [b, N]
         mask = None
@@ -639,8 +637,7 @@ def probe_layers(model, train_loader, val_loader, num_classes, run):
 def random_init(model, run):
     """The baseline: the same model as initialised before pre-training (built again from the run's seed without
     touching the RNG), with the trained model's palette."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.cfg.seed)
+    with seeded_rng(run.cfg.seed, run.device):
         baseline = build_model(run.cfg, model.vocab_size).to(run.device)
     baseline.palette.copy_(model.palette)
     return baseline
@@ -710,8 +707,7 @@ def finetune(model, run, epochs):
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for imgs, y in tqdm(loader, desc=f"fine-tune epoch {epoch}", leave=False,
-                            disable=not (run.is_main and sys.stderr.isatty())):
+        for imgs, y in progress(loader, run.is_main, desc=f"fine-tune epoch {epoch}"):
             imgs, y = imgs.to(run.device), y.to(run.device)
             flip = torch.rand(imgs.shape[0], device=run.device, generator=g) < 0.5
             imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)
