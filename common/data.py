@@ -580,8 +580,9 @@ class ResidentData:
     official: PIL resize; we: bicubic grid_sample (cubic a=-0.75 vs PIL's -0.5), an upsampling-only path."""
 
     def __init__(self, images, labels, batch_size, img_size, crop_scale, crop_ratio, interpolation, seed, rank,
-                 world, device):
+                 world, device, augment=None):
         self.images, self.labels = images.to(device), labels.to(device)  # uint8 [N, 3, H, W], [N]
+        self.batch_augment = augment or self.augment  # a method's own views: (uint8 batch, generator) -> views
         self.batch_size, self.img_size, self.seed, self.rank, self.world = batch_size, img_size, seed, rank, world
         self.crop_scale, self.crop_ratio, self.mode, self.device = crop_scale, crop_ratio, interpolation, device
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
@@ -601,7 +602,7 @@ class ResidentData:
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch_size: (step + 1) * self.batch_size]  # [B]
             generator.manual_seed(mix_seed(self.seed, epoch, step, self.rank))
-            yield self.augment(self.images[idx], generator), self.labels[idx]
+            yield self.batch_augment(self.images[idx], generator), self.labels[idx]
 
 
 class LoaderData:
@@ -620,7 +621,14 @@ class LoaderData:
     def epoch(self, epoch, start_step=0):
         self.sampler.set_epoch(epoch, start_step)
         for imgs, labels in self.loader:
-            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield to_device(imgs, self.device), labels.to(self.device, non_blocking=True)
+
+
+def to_device(x, device):
+    """A batch, or a list/tuple of views of it (a transform that returns several tensors), moved to the device."""
+    if isinstance(x, (list, tuple)):
+        return tuple(to_device(t, device) for t in x)
+    return x.to(device, non_blocking=True)
 
 
 def resident_fits(num_bytes, device):
@@ -635,23 +643,28 @@ def resident_fits(num_bytes, device):
     return num_bytes <= free / 4
 
 
-def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print):
-    """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader."""
+def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print,
+                     transform=None, augment=None):
+    """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader.
+    Each yields (images, labels), images [B, 3, H, W] from `pretrain_transform(crop_scale, ...)` by default.
+    A method with its own views passes both paths of them: `transform` (PIL image -> tensor, or a tuple of views)
+    for the DataLoader and `augment` ((uint8 [B, 3, H, W] on the device, generator) -> the same views, batched) for
+    the resident path; the batches then carry that tuple. With `transform` alone the DataLoader path is used."""
     info = DATASETS[cfg.data]
     ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, seed=cfg.seed)
     if len(ds) // dist.world_size < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ds)} images of {cfg.data}"
                         + (f" split over {dist.world_size} processes" if dist.world_size > 1 else ""))
     native = info.stored_size(cfg.img_size)
-    if cfg.resident and info.in_memory and native <= cfg.img_size:
+    if cfg.resident and info.in_memory and native <= cfg.img_size and (transform is None or augment is not None):
         nbytes = len(ds) * 3 * native * native
         if resident_fits(nbytes, dist.device):
             images, labels = ds.as_uint8()
             log(f"data: {cfg.data}, {len(ds)} images resident on {dist.device} ({nbytes / 2**20:.0f} MiB), "
                 f"augmented in batches")
             return ResidentData(images, labels, cfg.batch_size, cfg.img_size, crop_scale, crop_ratio, interpolation,
-                                cfg.seed, dist.rank, dist.world_size, dist.device)
-    ds.transform = pretrain_transform(cfg.img_size, crop_scale, crop_ratio, interpolation)
+                                cfg.seed, dist.rank, dist.world_size, dist.device, augment)
+    ds.transform = transform or pretrain_transform(cfg.img_size, crop_scale, crop_ratio, interpolation)
     log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers")
     return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)
 

@@ -89,3 +89,36 @@ def test_loader_path_is_reproducible_per_epoch_and_resumable():
     assert all(torch.equal(a, b) for a, b in zip(e1, again))
     assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(e1[3:], resumed))
     assert not torch.equal(e1[0], next(iter(loader.epoch(2)))[0])
+
+
+def test_a_method_can_bring_its_own_views_on_both_paths():
+    """build_train_data's hook for methods with several views (BEiT's two sizes, SiT's two crops): the DataLoader
+    path carries the tuple a PIL transform returns, the resident path the tuple of the method's batched augment, and
+    with a transform but no batched augment the DataLoader path is taken (the default crop would be wrong)."""
+    from types import SimpleNamespace
+    from common.data import build_train_data
+    from common.training import Dist
+
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=48, seed=0, batch_size=8, workers=0,
+                          resident=True)
+    dist = Dist(0, 1, 0, CPU)
+    pil_views = T.Compose([T.Resize(8), T.ToTensor()])
+    transform = lambda img: (T.ToTensor()(img), pil_views(img))  # noqa: E731 (two views of one image)
+    calls = []
+
+    def augment(images, generator):
+        calls.append(images.dtype)
+        x = images.float() / 255
+        return x, x[..., ::2, ::2]
+
+    data = build_train_data(cfg, dist, (0.2, 1.0), log=lambda msg: None, transform=transform, augment=augment)
+    assert isinstance(data, ResidentData)
+    (full, half), labels = next(data.epoch(0))
+    assert calls == [torch.uint8] and full.shape == (8, 3, 16, 16) and half.shape == (8, 3, 8, 8)
+    assert torch.equal(half, full[..., ::2, ::2]) and labels.shape == (8,)
+
+    data = build_train_data(cfg, dist, (0.2, 1.0), log=lambda msg: None, transform=transform)
+    assert isinstance(data, LoaderData)
+    (full, half), labels = next(data.epoch(0))
+    assert full.shape == (8, 3, 16, 16) and half.shape == (8, 3, 8, 8) and labels.shape == (8,)
+    assert full.min() >= 0 and full.max() <= 1  # the method's ToTensor, not the default normalisation
