@@ -1,7 +1,8 @@
 """bench.py: training speed, FLOPs, MFU and memory of every method file, and data-loading throughput (--loader).
 
 `python bench.py` runs, for each method file present (mae.py, simmim.py, beit.py, sit.py, convmae.py, igpt.py), the
-training step its main() runs, on random images already on the device (data loading is measured apart, --loader):
+training step its main() runs, on random images already on the device (a method whose batches are several views
+turns them into those with its own `bench_batch(imgs, cfg)`; data loading is measured apart, --loader):
     zero_grad(set_to_none) -> training_loss(model, imgs, cfg, generator) under autocast -> backward ->
     clip_grad_norm_ (when the method clips) -> AdamW step (fused)
 with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
@@ -224,7 +225,7 @@ def bench_method(module, cfg, args, device):
     model.train()
     # the optimizer's hyper-parameters do not change its cost; fused is the fastest AdamW on CUDA and on the CPU
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.blr, fused=True)
-    imgs = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    imgs = bench_batch(module, cfg, device)
     generator = torch.Generator(device=device)
 
     def masks(step):  # this step's masks, as Run.step_generator: a function of (seed, step)
@@ -269,6 +270,13 @@ def bench_method(module, cfg, args, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def bench_batch(module, cfg, device):
+    """What the method's training_loss takes as its images: random images [B, 3, H, W] on the device, or the
+    method's own `bench_batch(imgs, cfg)` of them (e.g. several views, as its data pipeline yields)."""
+    imgs = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    return module.bench_batch(imgs, cfg) if hasattr(module, "bench_batch") else imgs
 
 
 def tokens_per_image(module, cfg):
