@@ -6,15 +6,21 @@ turns them into those with its own `bench_batch(imgs, cfg)`; data loading is mea
     zero_grad(set_to_none) -> training_loss(model, imgs, cfg, generator) under autocast -> backward ->
     clip_grad_norm_ (when the method clips) -> AdamW step (fused)
 with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
-recipe with --model / --img-size / --patch-size / --batch-size replaced. Columns:
+recipe with --model / --img-size / --patch-size / --batch-size replaced (a method whose paper sizes are not ViTs
+maps the ViT name to its nearest one with `bench_model(name)`, and names its row with `bench_label(cfg)`: iGPT's
+vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels). Columns:
   params      trainable parameters.
   tokens/s    img/s x the sequence positions of one image (patches; iGPT: pixels of its n_px x n_px grid).
   GFLOP/img   matmul and convolution FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode:
               "fwd" over one forward, "train" over one forward + backward (counted, not 3 x forward). Elementwise
-              ops, norms, softmax and the optimizer are not counted (the usual MFU convention).
+              ops, norms, softmax and the optimizer are not counted (the usual MFU convention). Convolutions count
+              what they compute: grouped and depthwise ones 1/groups of a dense one, in backward too (torch 2.14's
+              formula counts a grouped conv's weight gradient as if dense; see conv_backward_flop).
   img/s       batch / median seconds of --steps timed steps, after 2 warm-up steps (the first allocates the
               optimizer state, and compiles). CUDA: a pair of CUDA events per step, read after one synchronize;
-              CPU: time.perf_counter. Three ways: eager fp32, eager bf16 autocast, torch.compile + bf16 autocast.
+              CPU: time.perf_counter. Three ways: eager fp32, eager bf16 autocast, torch.compile + bf16 autocast
+              (--precisions picks the eager ones; by default a CPU without native bf16 (AVX512-BF16 or AMX) runs
+              fp32 only, as --amp auto trains: it emulates bf16, one 2048^2 matmul in 209 s against 0.8 s fp32).
   MFU         train FLOP per step / median step seconds / the matmul peak measured in this run in the same dtype
               (the fastest of 10 square matmuls, 8192^2 on CUDA, 2048^2 on the CPU, measured before and after the
               methods; the higher counts).
@@ -34,6 +40,7 @@ is timed from its first request to its last batch.
 
 Run:     python bench.py                    # every method, ViT-B/16 at 224 px, batch 64 on CUDA, 8 on the CPU
          python bench.py --methods mae --model vit_large --batch-size 128 --json bench-large.json
+         python bench.py --methods mae,igpt --steps 3
          python bench.py --loader           # data-loading throughput
 Results: measured tables are in README.md (with hardware, torch version and command).
 """
@@ -53,12 +60,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from common import UserError
 from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, build_dataset, mix_seed,
                          pretrain_transform, render_synthetic)
-from common.training import cli, param_groups, setup_distributed
+from common.training import cli, cpu_has_fast_bf16, param_groups, setup_distributed
 from common.vit import VIT_SIZES, count_params
 
 ROOT = Path(__file__).resolve().parent
@@ -84,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per step (0: 64 on CUDA, 8 on the CPU; --loader: 32 for JPEGs, 256 for 32 px)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per column (the median is reported)")
+    p.add_argument("--precisions", default="auto",
+                   help="eager columns to time: fp32, bf16 or fp32,bf16 (auto: both, but fp32 only on a CPU without "
+                        "native bf16, which emulates it ~250x slower than fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile + bf16 (default: on for CUDA, off for the CPU)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -95,6 +105,9 @@ def parse_args(argv=None):
     for name in ("img_size", "steps", "loader_images", "small_images"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if args.precisions != ["auto"] and (not args.precisions or set(args.precisions) - {"fp32", "bf16"}):
+        raise UserError("--precisions takes fp32, bf16, fp32,bf16 or auto")
     if args.batch_size < 0 or args.patch_size < 0:
         raise UserError("--batch-size and --patch-size must not be negative")
     if args.model not in VIT_SIZES:
@@ -121,7 +134,8 @@ def select_methods(names):
 
 def method_config(module, args):
     """The method's ImageNet recipe with the benchmark's sizes; check() turns a bad size into one clear line."""
-    overrides = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+    model = module.bench_model(args.model) if hasattr(module, "bench_model") else args.model
+    overrides = dict(model=model, img_size=args.img_size, batch_size=args.batch_size,
                      patch_size=args.patch_size or VIT_SIZES[args.model][3])
     cfg = module.Config(**{**module.PRESETS.get("imagenet", {}), **overrides})
     cfg.check()
@@ -172,13 +186,28 @@ def peak_memory_gib(device):
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                               counting and timing                                                  #
 # ---------------------------------------------------------------------------------------------------------------- #
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                       _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """FLOPs of a convolution's backward: each gradient asked for (input, weight) costs what the forward does, as
+    for a matmul: the input gradient is the transposed convolution of grad_out with the same weights, and every
+    weight [C_out, C_in / groups, k, k] meets the same batch x positions in its gradient as in the forward.
+    torch 2.14's formula counts the weight gradient as a dense convolution of x with grad_out, C_in x C_out x ...,
+    without the 1 / groups the weight shape carries in the forward: a depthwise conv's weight gradient read
+    C (256-384 in ConvMAE-B) times too large, +32 GFLOP per 224-px image, and MFU above 100 % (fixed upstream
+    after 2.14: pytorch/pytorch#183405 divides that term by groups)."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # grad_out has the forward's shape
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(forward):
     """(forward FLOPs, forward + backward FLOPs) of `forward()` -> scalar loss, one pass.
 
     FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU's fused SDPA kernel
     (`_scaled_dot_product_flash_attention_for_cpu`), which it would count as 0; under the math backend SDPA is two
-    counted batched matmuls on every device, 2*T*T*d each per head, and 2x that in backward."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    counted batched matmuls on every device, 2*T*T*d each per head, and 2x that in backward. Convolution backward
+    goes through conv_backward_flop (grouped convolutions)."""
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         loss = forward()
         fwd = counter.get_total_flops()
         loss.backward()
@@ -233,12 +262,15 @@ def bench_method(module, cfg, args, device):
 
     fwd, train = count_flops(lambda: module.training_loss(model, imgs, cfg, masks(0)))
     optimizer.zero_grad(set_to_none=True)
-    row = {"method": name, "model": f"{cfg.model}/{cfg.patch_size} {cfg.img_size}px batch {cfg.batch_size}",
+    label = (module.bench_label(cfg) if hasattr(module, "bench_label") else
+             f"{cfg.model}/{cfg.patch_size} {cfg.img_size}px")
+    row = {"method": name, "model": f"{label} batch {cfg.batch_size}",
            "params": count_params(model), "tokens_per_img": tokens_per_image(module, cfg),
            "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
            "train_gflop_per_img": train / cfg.batch_size / 1e9}
     for precision, dtype, compiled in PRECISIONS:
-        if compiled and not args.compile:
+        wanted = args.compile if compiled else precision in args.precisions
+        if not wanted:
             row[precision] = None
             continue
         net = torch.compile(model) if compiled else model
@@ -287,19 +319,20 @@ def tokens_per_image(module, cfg):
 
 
 def training_table(rows):
-    head = ("| method | model | params (M) | fwd GFLOP/img | train GFLOP/img | fp32 img/s | fp32 MFU | bf16 img/s "
-            "| bf16 tokens/s | bf16 MFU | compiled bf16 img/s | compiled MFU | compile s "
+    head = ("| method | model | params (M) | fwd GFLOP/img | train GFLOP/img | fp32 img/s | fp32 tokens/s | fp32 MFU "
+            "| bf16 img/s | bf16 tokens/s | bf16 MFU | compiled bf16 img/s | compiled MFU | compile s "
             "| peak mem GiB fp32 / bf16 / compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         def cell(precision, key, fmt):
             return fmt.format(r[precision][key]) if r[precision] else "—"
+        def tokens(precision):
+            return f"{r[precision]['img_s'] * r['tokens_per_img']:.0f}" if r[precision] else "—"
         compiled = cell("compiled_bf16", "img_s", "{:.1f}") if r["compiled_bf16"] else "not run (use --compile)"
         lines.append("| " + " | ".join([
             r["method"], r["model"], f"{r['params'] / 1e6:.2f}", f"{r['fwd_gflop_per_img']:.2f}",
-            f"{r['train_gflop_per_img']:.2f}", cell("fp32", "img_s", "{:.1f}"), cell("fp32", "mfu", "{:.1%}"),
-            cell("bf16", "img_s", "{:.1f}"),
-            f"{r['bf16']['img_s'] * r['tokens_per_img']:.0f}" if r["bf16"] else "—",
+            f"{r['train_gflop_per_img']:.2f}", cell("fp32", "img_s", "{:.1f}"), tokens("fp32"),
+            cell("fp32", "mfu", "{:.1%}"), cell("bf16", "img_s", "{:.1f}"), tokens("bf16"),
             cell("bf16", "mfu", "{:.1%}"), compiled,
             cell("compiled_bf16", "mfu", "{:.1%}"), cell("compiled_bf16", "compile_s", "{:.0f}"),
             " / ".join(cell(p, "peak_mem_gib", "{:.2f}") for p, _, _ in PRECISIONS)]) + " |")
@@ -384,13 +417,18 @@ def loader_table(rows):
 def bench_training(args, device):
     """The training table's numbers: the matmul peaks, then one row per method."""
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    if args.precisions == ["auto"]:
+        args.precisions = ["fp32", "bf16"] if device.type == "cuda" or cpu_has_fast_bf16() else ["fp32"]
+        if args.precisions == ["fp32"]:
+            print("this CPU has no native bf16 (it would emulate it): fp32 only (--precisions fp32,bf16 for both)")
     if args.compile is None:
         args.compile = device.type == "cuda"
     modules = [importlib.import_module(m) for m in select_methods(args.methods)]
     if not modules:
         raise UserError(f"no method file found in {ROOT}")
     configs = [method_config(module, args) for module in modules]  # every size error before any timing
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the peaks of the columns that run
+    dtypes = {k: v for k, v in dtypes.items() if k in args.precisions or (k == "bf16" and args.compile)}
     peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items()}
     rows = [bench_method(m, cfg, args, device) for m, cfg in zip(modules, configs)]
     peaks = {name: max(peaks[name], matmul_peak(device, dtype)) for name, dtype in dtypes.items()}  # before and after
@@ -418,8 +456,9 @@ def main():
     else:
         result.update(bench_training(args, device))
         peaks = result["peak_tflops"]
-        header += [f"matmul peak (fastest of 10 square matmuls, before and after the methods): "
-                   f"fp32 {peaks['fp32']:.2f} TFLOP/s, bf16 {peaks['bf16']:.2f} TFLOP/s", f"peak mem: {result['peak_mem']}"]
+        header += ["matmul peak (fastest of 10 square matmuls, before and after the methods): "
+                   + ", ".join(f"{name} {peak:.2f} TFLOP/s" for name, peak in peaks.items()),
+                   f"peak mem: {result['peak_mem']}"]
         table = training_table(result["rows"])
     result["seconds"] = seconds = time.perf_counter() - t0
     path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))

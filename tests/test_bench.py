@@ -8,6 +8,7 @@ from conftest import run_script
 import bench
 import mae
 from common import UserError
+from common.training import cpu_has_fast_bf16
 from common.vit import VisionTransformer, count_params
 
 # One thread: the runs below check numbers, not speed, and two OpenMP threads on two busy cores slow a step ~20x.
@@ -40,6 +41,27 @@ def test_flop_count_equals_hand_formula(amp):
     assert train == 3 * expected - B * 2 * (img // p) ** 2 * D * 3 * p * p
 
 
+def conv_flops_by_hand(B, c_in, c_out, k, groups, out_hw):
+    """Forward FLOPs of a Conv2d (2 per multiply-add): every output value sums (C_in / groups) x k x k products."""
+    return 2 * B * out_hw * c_out * (c_in // groups) * k * k
+
+
+def test_conv_flop_count_equals_hand_formula_for_grouped_and_strided_convs():
+    """ConvMAE's kinds of convolution: a strided patch embedding (k = s), a 5x5 depthwise conv, a 1x1 conv and a
+    grouped 3x3 conv. Forward by the formula; backward = the input and the weight gradient, each one forward,
+    except the first conv's input gradient (the image needs none). torch 2.14's own formula counts the grouped
+    weight gradients `groups` times too large (1,544,192 here instead of 743,424)."""
+    torch.manual_seed(0)
+    B = 2
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 2, stride=2), torch.nn.Conv2d(8, 8, 5, padding=2, groups=8),
+                              torch.nn.Conv2d(8, 16, 1), torch.nn.Conv2d(16, 16, 3, padding=1, groups=4))
+    fwd, train = bench.count_flops(lambda: net(torch.randn(B, 3, 16, 16)).sum())
+    convs = [(3, 8, 2, 1), (8, 8, 5, 8), (8, 16, 1, 1), (16, 16, 3, 4)]  # (C_in, C_out, k, groups), all at 8 x 8
+    by_hand = [conv_flops_by_hand(B, *c, out_hw=8 * 8) for c in convs]
+    assert fwd == sum(by_hand) == 256_000
+    assert train == 3 * sum(by_hand) - by_hand[0]
+
+
 def test_bench_training_table(tmp_path):
     out = tmp_path / "bench.json"
     flags = ["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2", "--steps", "2",
@@ -49,23 +71,38 @@ def test_bench_training_table(tmp_path):
     assert result["torch"] == torch.__version__ and result["command"].startswith("python ")
     assert result["hardware"] in proc.stdout and "| mae | vit_nano/4 16px batch 2 |" in proc.stdout
     assert "not run (use --compile)" in proc.stdout
-    assert 0 < result["peak_tflops"]["fp32"] < 1e4 and 0 < result["peak_tflops"]["bf16"] < 1e4
+    # --precisions auto: bf16 too where it is native (CUDA, AVX512-BF16, AMX); a CPU emulating it runs fp32 only
+    ran = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    assert set(result["peak_tflops"]) == set(ran) and all(0 < x < 1e4 for x in result["peak_tflops"].values())
     (row,) = result["rows"]
     cfg = bench.method_config(mae, bench.parse_args(flags))
     model = mae.build_model(cfg)
     assert row["params"] == count_params(model) and row["tokens_per_img"] == 16
-    assert f"| {row['bf16']['img_s'] * 16:.0f} |" in proc.stdout  # bf16 tokens/s
+    assert [p for p in ("fp32", "bf16") if row[p]] == ran
+    for precision in ran:  # tokens/s = img/s x 16 patches
+        assert f"| {row[precision]['img_s'] * 16:.0f} |" in proc.stdout
     fwd, train = bench.count_flops(lambda: mae.training_loss(model, torch.randn(2, 3, 16, 16), cfg,
                                                              torch.Generator().manual_seed(0)))
     assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
     assert row["train_gflop_per_img"] == pytest.approx(train / 2 / 1e9, rel=1e-9)
     assert 2 * fwd < train < 3 * fwd  # backward ~2x forward, less the image's gradient
-    for precision in ("fp32", "bf16"):
+    for precision in ran:
         r = row[precision]
         assert r["img_s"] > 0 and r["step_ms"] == pytest.approx(2 / r["img_s"] * 1e3)
         assert 0 < r["mfu"] < 1
         assert 0.05 < r["peak_mem_gib"] < 64  # RSS of a process holding torch
     assert row["compiled_bf16"] is None
+
+
+def test_bench_times_only_the_precisions_asked_for():
+    """--precisions fp32 (a CPU that only emulates bf16): the bf16 column is not run, fp32 is."""
+    torch.set_num_threads(1)
+    args = bench.parse_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2",
+                             "--steps", "1", "--precisions", "fp32", "--no-compile"])
+    row = bench.bench_method(mae, bench.method_config(mae, args), args, torch.device("cpu"))
+    assert row["bf16"] is None and row["compiled_bf16"] is None and row["fp32"]["img_s"] > 0
+    row["fp32"]["mfu"] = 0.5  # (bench_training divides by the peak)
+    assert "| — | — | — |" in bench.training_table([row])  # bf16 img/s, tokens/s, MFU
 
 
 def test_bench_bad_flags():
@@ -74,6 +111,8 @@ def test_bench_bad_flags():
         "error: unknown method 'nope'; choose from " + ", ".join(bench.METHODS)]
     with pytest.raises(UserError, match="unknown model 'vit_giant'"):
         bench.parse_args(["--model", "vit_giant"])
+    with pytest.raises(UserError, match="--precisions takes fp32, bf16, fp32,bf16 or auto"):
+        bench.parse_args(["--precisions", "fp16"])
     with pytest.raises(UserError, match="--steps must be positive"):
         bench.parse_args(["--steps", "0"])
     with pytest.raises(UserError, match="--img-size 30 is not divisible by --patch-size 16"):
