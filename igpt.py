@@ -469,6 +469,21 @@ def tokens_per_image(cfg):
     return cfg.res ** 2
 
 
+# bench.py compares the methods by ViT name (`--model vit_base`): iGPT's nearest paper size stands in for it, by
+# parameters (ViT-B 86 M ~ iGPT-S 76 M, ViT-L 304 M -> iGPT-M 455 M, ViT-H 632 M -> iGPT-L 1362 M); the smaller ViT
+# names stay decoders of the ViT's width and depth (tests).
+BENCH_SIZES = {"vit_base": "igpt_s", "vit_large": "igpt_m", "vit_huge": "igpt_l"}
+
+
+def bench_model(vit_name):
+    return BENCH_SIZES.get(vit_name, vit_name)
+
+
+def bench_label(cfg):
+    """bench.py's row name: the model, its token grid and the images it reads (e.g. 224-px crops -> 32 x 32)."""
+    return f"{cfg.model} {cfg.res}x{cfg.res} tokens of {cfg.img_size}px"
+
+
 def build_model(cfg, vocab_size=None):
     return ImageGPT(cfg.res, cfg.model, vocab_size or cfg.palette_size, cfg.objective, cfg.bert_mask_prob)
 

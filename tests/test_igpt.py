@@ -188,13 +188,18 @@ def test_training_loss_tokenizes_images():
         assert loss.item() == pytest.approx(m.forward_loss(x, m.logits(x)).item(), rel=1e-6)
 
 
-def test_config_accepts_bench_overrides():
-    """bench.py builds Config(**imagenet preset, model=vit_*, img_size=224, patch_size=16, batch_size=8)."""
-    cfg = igpt.Config(**{**igpt.PRESETS["imagenet"], "model": "vit_nano", "img_size": 224, "patch_size": 16,
-                         "batch_size": 2})
-    cfg.check()
+def test_bench_runs_igpt_s_at_its_native_32_by_32():
+    """bench.py's `--model vit_base` row is iGPT-S (24 x 512, 76.57 M) reading 224-px crops as 32 x 32 = 1024 tokens;
+    a small ViT name is a decoder of that width and depth (vit_nano: 2 x 64)."""
+    import bench
+    cfg = bench.method_config(igpt, bench.parse_args(["--model", "vit_base", "--batch-size", "8"]))
+    assert (cfg.model, cfg.img_size, cfg.res, cfg.batch_size) == ("igpt_s", 224, 32, 8)
+    assert igpt.tokens_per_image(cfg) == 1024 and igpt.bench_label(cfg) == "igpt_s 32x32 tokens of 224px"
+    with torch.device("meta"):
+        assert count_params(igpt.build_model(cfg)) == 76_571_648
+    cfg = bench.method_config(igpt, bench.parse_args(["--model", "vit_nano", "--batch-size", "2"]))
     m = igpt.build_model(cfg)
-    assert m.n_ctx == 32 * 32 and m.embed_dim == 64 and len(m.h) == 2  # 224 px crops -> 32 x 32 tokens
+    assert m.n_ctx == 32 * 32 and m.embed_dim == 64 and len(m.h) == 2
 
 
 def test_palette_file_round_trip(tmp_path):
