@@ -47,8 +47,9 @@ area 0.34-0.77; q/k/v are one fused matrix (same function); BERT masks come from
 step) and the evaluation's BERT mask is seeded; the probe is common/'s SGD linear probe on BatchNorm-ed features
 (paper: L-BFGS logistic regression) and the best layer is picked on the val split it is reported on; fine-tuning
 runs a fixed number of epochs with flips (paper: early stopping); sampling draws by inverse CDF with a KV cache
-(official: no cache); iGPT-S has 76.57 M parameters (paper: "76M"); the learning rate default (blr 1e-3 at batch
-128) is not from Appendix A, which we could not read; the demo/small presets are ours.
+(official: no cache); iGPT-S has 76,571,648 parameters, exactly the official model's trainable variables (the
+paper's "76M" / 455M / 1362M are the exact counts truncated to millions; tests/test_igpt.py); the learning rate
+default (blr 1e-3 at batch 128) is not from Appendix A, which we could not read; the demo/small presets are ours.
 """
 import copy
 import math
@@ -65,7 +66,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_eval_loader, build_train_data,
                          eval_transform, preview_images, seeded_rng)
-from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid
+from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid, shard
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
                              progress, set_grad_sync, set_lr)
 from common.vit import VIT_SIZES, count_params
@@ -579,15 +580,17 @@ def save_samples(model, imgs, path, title, amp, seed=0):
 #                                                    evaluation                                                      #
 # ---------------------------------------------------------------------------------------------------------------- #
 def eval_split(cfg, split, run):
-    """The labelled split, at most --eval-images of it, this rank's contiguous chunk. None when there is none."""
+    """The labelled split, at most --eval-images of it, this rank's contiguous chunk (common's shard()). None when
+    there is none."""
     loader = build_eval_loader(cfg, split, run.dist)
     if loader is None:
         return None, 0
-    n = len(loader.dataset) if not cfg.eval_images else min(cfg.eval_images, len(loader.dataset))
-    per = math.ceil(n / run.dist.world_size)
-    part = Subset(loader.dataset, range(min(run.dist.rank * per, n), min((run.dist.rank + 1) * per, n)))
-    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, generator=torch.Generator()), loader.dataset.num_classes
+    num_classes = loader.dataset.num_classes
+    if cfg.eval_images and cfg.eval_images < len(loader.dataset):
+        loader = DataLoader(Subset(loader.dataset, range(cfg.eval_images)), batch_size=loader.batch_size,
+                            num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                            worker_init_fn=loader.worker_init_fn)
+    return shard(loader, run.dist.rank, run.dist.world_size), num_classes
 
 
 @torch.no_grad()
