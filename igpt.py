@@ -31,8 +31,9 @@ linear probe / kNN top-1 of the best layer, against the same model at its random
   Against Hugging Face transformers 5.24 `ImageGPTForCausalImageModeling` (the port of the official weights), same
   weights copied in, same tokens, fp32: max |logit difference| 4.3e-6 for D 64 / 3 blocks / 16 colours / 8 x 8, and
   3.1e-5 (logits up to 33) at the iGPT-S shape (24 x 512, 512 colours, 32 x 32); hidden states of every layer agree
-  to 6e-6. Speed (bench.py, vit_base widths = 12 x 768 at 32 x 32 tokens, batch 2, 1 thread at load 10): 0.026 img/s
-  fp32, 0.043 bf16 = 27 / 44 tokens/s (MAE-B in the same run: 0.24 / 0.39 img/s); 640 train GFLOP/img, 11 x MAE-B's.
+  to 6e-6. Speed: iGPT-S (bench.py's vit_base row) at 32 x 32 tokens, batch 8, fp32, one thread on a 2-core AVX2
+  AMD EPYC at load ~10: 117 CPU-s per step = 0.068 img / 70 tokens per CPU-second (MAE-B: 0.635 img, 124 tokens);
+  620 train GFLOP/img counted (155 of them attention at full 1024 x 1024), 10.6 x MAE-B's (README.md, Performance).
 Where the Hugging Face port differs (the official TF code sides with this file on each): it has biases on every
 projection (zero after conversion, but trainable: 9 D per block more, 76.68 M for S); the start token is row 512 of
 a 513-row wte (the same numbers); its loss shifts the labels inside a 1024-position window, so the last pixel is never
