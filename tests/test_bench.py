@@ -8,6 +8,7 @@ from conftest import run_script
 import bench
 import mae
 from common import UserError
+from common.training import cpu_has_fast_bf16
 from common.vit import VisionTransformer, count_params
 
 # One thread: the runs below check numbers, not speed, and two OpenMP threads on two busy cores slow a step ~20x.
@@ -48,19 +49,25 @@ def test_bench_training_table(tmp_path):
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["command"].startswith("python ")
     assert result["hardware"] in proc.stdout and "| mae | vit_nano/4 16px batch 2 |" in proc.stdout
-    assert "not run (use --compile)" in proc.stdout
-    assert 0 < result["peak_tflops"]["fp32"] < 1e4 and 0 < result["peak_tflops"]["bf16"] < 1e4
+    # bf16 is timed only where it is fast: emulated on an AVX2-only CPU, its 2048^2 peak matmul alone takes ~25 s
+    fast_bf16 = cpu_has_fast_bf16()
+    assert ("not run (use --compile)" in proc.stdout) == fast_bf16
+    assert 0 < result["peak_tflops"]["fp32"] < 1e4
+    assert (0 < result["peak_tflops"]["bf16"] < 1e4) if fast_bf16 else result["peak_tflops"]["bf16"] is None
     (row,) = result["rows"]
     cfg = bench.method_config(mae, bench.parse_args(flags))
     model = mae.build_model(cfg)
     assert row["params"] == count_params(model) and row["tokens_per_img"] == 16
-    assert f"| {row['bf16']['img_s'] * 16:.0f} |" in proc.stdout  # bf16 tokens/s
+    if fast_bf16:
+        assert f"| {row['bf16']['img_s'] * 16:.0f} |" in proc.stdout  # bf16 tokens/s
+    else:
+        assert row["bf16"] is None and "bf16 not run (--bf16 to force it)" in proc.stdout
     fwd, train = bench.count_flops(lambda: mae.training_loss(model, torch.randn(2, 3, 16, 16), cfg,
                                                              torch.Generator().manual_seed(0)))
     assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
     assert row["train_gflop_per_img"] == pytest.approx(train / 2 / 1e9, rel=1e-9)
     assert 2 * fwd < train < 3 * fwd  # backward ~2x forward, less the image's gradient
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if fast_bf16 else ("fp32",):
         r = row[precision]
         assert r["img_s"] > 0 and r["step_ms"] == pytest.approx(2 / r["img_s"] * 1e3)
         assert 0 < r["mfu"] < 1
