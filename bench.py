@@ -18,9 +18,8 @@ vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels)
               formula counts a grouped conv's weight gradient as if dense; see conv_backward_flop).
   img/s       batch / median seconds of --steps timed steps, after 2 warm-up steps (the first allocates the
               optimizer state, and compiles). CUDA: a pair of CUDA events per step, read after one synchronize;
-              CPU: time.perf_counter. Three ways: eager fp32, eager bf16 autocast, torch.compile + bf16 autocast
-              (--precisions picks the eager ones; by default a CPU without native bf16 (AVX512-BF16 or AMX) runs
-              fp32 only, as --amp auto trains: it emulates bf16, one 2048^2 matmul in 209 s against 0.8 s fp32).
+              CPU: time.perf_counter. Three ways: eager fp32, eager bf16 autocast, torch.compile + bf16 autocast;
+              the bf16 two only where bf16 is fast (CUDA, CPUs with AMX or AVX512-BF16; --bf16 forces them).
   MFU         train FLOP per step / median step seconds / the matmul peak measured in this run in the same dtype
               (the fastest of 10 square matmuls, 8192^2 on CUDA, 2048^2 on the CPU, measured before and after the
               methods; the higher counts).
@@ -91,11 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per step (0: 64 on CUDA, 8 on the CPU; --loader: 32 for JPEGs, 256 for 32 px)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per column (the median is reported)")
-    p.add_argument("--precisions", default="auto",
-                   help="eager columns to time: fp32, bf16 or fp32,bf16 (auto: both, but fp32 only on a CPU without "
-                        "native bf16, which emulates it ~250x slower than fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile + bf16 (default: on for CUDA, off for the CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the bf16 columns (default: where bf16 is fast: CUDA, CPUs with AMX or AVX512-BF16)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--json", default="", help="output file (default: bench.json, or bench_loader.json with --loader)")
     p.add_argument("--loader", action="store_true", help="measure data loading instead of training steps")
@@ -105,9 +103,6 @@ def parse_args(argv=None):
     for name in ("img_size", "steps", "loader_images", "small_images"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
-    if args.precisions != ["auto"] and (not args.precisions or set(args.precisions) - {"fp32", "bf16"}):
-        raise UserError("--precisions takes fp32, bf16, fp32,bf16 or auto")
     if args.batch_size < 0 or args.patch_size < 0:
         raise UserError("--batch-size and --patch-size must not be negative")
     if args.model not in VIT_SIZES:
@@ -269,8 +264,7 @@ def bench_method(module, cfg, args, device):
            "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
            "train_gflop_per_img": train / cfg.batch_size / 1e9}
     for precision, dtype, compiled in PRECISIONS:
-        wanted = args.compile if compiled else precision in args.precisions
-        if not wanted:
+        if (compiled and not args.compile) or (dtype is not None and not args.bf16):
             row[precision] = None
             continue
         net = torch.compile(model) if compiled else model
@@ -326,9 +320,11 @@ def training_table(rows):
     for r in rows:
         def cell(precision, key, fmt):
             return fmt.format(r[precision][key]) if r[precision] else "—"
+
         def tokens(precision):
             return f"{r[precision]['img_s'] * r['tokens_per_img']:.0f}" if r[precision] else "—"
-        compiled = cell("compiled_bf16", "img_s", "{:.1f}") if r["compiled_bf16"] else "not run (use --compile)"
+        compiled = (cell("compiled_bf16", "img_s", "{:.1f}") if r["compiled_bf16"] else
+                    "not run (use --compile)" if r["bf16"] else "—")
         lines.append("| " + " | ".join([
             r["method"], r["model"], f"{r['params'] / 1e6:.2f}", f"{r['fwd_gflop_per_img']:.2f}",
             f"{r['train_gflop_per_img']:.2f}", cell("fp32", "img_s", "{:.1f}"), tokens("fp32"),
@@ -417,18 +413,15 @@ def loader_table(rows):
 def bench_training(args, device):
     """The training table's numbers: the matmul peaks, then one row per method."""
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    if args.precisions == ["auto"]:
-        args.precisions = ["fp32", "bf16"] if device.type == "cuda" or cpu_has_fast_bf16() else ["fp32"]
-        if args.precisions == ["fp32"]:
-            print("this CPU has no native bf16 (it would emulate it): fp32 only (--precisions fp32,bf16 for both)")
     if args.compile is None:
         args.compile = device.type == "cuda"
+    if args.bf16 is None:  # emulated bf16 (an AVX2-only CPU) runs matmuls ~50x slower than fp32: nothing to learn
+        args.bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     modules = [importlib.import_module(m) for m in select_methods(args.methods)]
     if not modules:
         raise UserError(f"no method file found in {ROOT}")
     configs = [method_config(module, args) for module in modules]  # every size error before any timing
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the peaks of the columns that run
-    dtypes = {k: v for k, v in dtypes.items() if k in args.precisions or (k == "bf16" and args.compile)}
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if args.bf16 else {})}
     peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items()}
     rows = [bench_method(m, cfg, args, device) for m, cfg in zip(modules, configs)]
     peaks = {name: max(peaks[name], matmul_peak(device, dtype)) for name, dtype in dtypes.items()}  # before and after
@@ -436,7 +429,8 @@ def bench_training(args, device):
         for precision, dtype, _ in PRECISIONS:
             if row[precision]:
                 row[precision]["mfu"] = row[precision]["train_flop_s"] / peaks["bf16" if dtype else "fp32"]
-    return dict(peak_tflops={name: peak / 1e12 for name, peak in peaks.items()},
+    peaks.setdefault("bf16", None)
+    return dict(peak_tflops={name: peak and peak / 1e12 for name, peak in peaks.items()},
                 peak_mem=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                           "process peak RSS (ru_maxrss) over the timed steps, incl. the Python/torch runtime"),
                 steps=args.steps, warmup_steps=WARMUP_STEPS,
@@ -456,9 +450,9 @@ def main():
     else:
         result.update(bench_training(args, device))
         peaks = result["peak_tflops"]
-        header += ["matmul peak (fastest of 10 square matmuls, before and after the methods): "
-                   + ", ".join(f"{name} {peak:.2f} TFLOP/s" for name, peak in peaks.items()),
-                   f"peak mem: {result['peak_mem']}"]
+        bf16 = f"{peaks['bf16']:.2f} TFLOP/s" if peaks["bf16"] else "not run (--bf16 to force it)"
+        header += [f"matmul peak (fastest of 10 square matmuls, before and after the methods): "
+                   f"fp32 {peaks['fp32']:.2f} TFLOP/s, bf16 {bf16}", f"peak mem: {result['peak_mem']}"]
         table = training_table(result["rows"])
     result["seconds"] = seconds = time.perf_counter() - t0
     path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))

@@ -70,39 +70,30 @@ def test_bench_training_table(tmp_path):
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["command"].startswith("python ")
     assert result["hardware"] in proc.stdout and "| mae | vit_nano/4 16px batch 2 |" in proc.stdout
-    assert "not run (use --compile)" in proc.stdout
-    # --precisions auto: bf16 too where it is native (CUDA, AVX512-BF16, AMX); a CPU emulating it runs fp32 only
-    ran = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
-    assert set(result["peak_tflops"]) == set(ran) and all(0 < x < 1e4 for x in result["peak_tflops"].values())
+    # bf16 is timed only where it is fast: emulated on an AVX2-only CPU, its 2048^2 peak matmul alone takes ~25 s
+    fast_bf16 = cpu_has_fast_bf16()
+    assert ("not run (use --compile)" in proc.stdout) == fast_bf16
+    assert 0 < result["peak_tflops"]["fp32"] < 1e4
+    assert (0 < result["peak_tflops"]["bf16"] < 1e4) if fast_bf16 else result["peak_tflops"]["bf16"] is None
     (row,) = result["rows"]
     cfg = bench.method_config(mae, bench.parse_args(flags))
     model = mae.build_model(cfg)
     assert row["params"] == count_params(model) and row["tokens_per_img"] == 16
-    assert [p for p in ("fp32", "bf16") if row[p]] == ran
-    for precision in ran:  # tokens/s = img/s x 16 patches
+    for precision in ("fp32", "bf16") if fast_bf16 else ("fp32",):  # tokens/s = img/s x 16 patches
         assert f"| {row[precision]['img_s'] * 16:.0f} |" in proc.stdout
+    if not fast_bf16:
+        assert row["bf16"] is None and "bf16 not run (--bf16 to force it)" in proc.stdout
     fwd, train = bench.count_flops(lambda: mae.training_loss(model, torch.randn(2, 3, 16, 16), cfg,
                                                              torch.Generator().manual_seed(0)))
     assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
     assert row["train_gflop_per_img"] == pytest.approx(train / 2 / 1e9, rel=1e-9)
     assert 2 * fwd < train < 3 * fwd  # backward ~2x forward, less the image's gradient
-    for precision in ran:
+    for precision in ("fp32", "bf16") if fast_bf16 else ("fp32",):
         r = row[precision]
         assert r["img_s"] > 0 and r["step_ms"] == pytest.approx(2 / r["img_s"] * 1e3)
         assert 0 < r["mfu"] < 1
         assert 0.05 < r["peak_mem_gib"] < 64  # RSS of a process holding torch
     assert row["compiled_bf16"] is None
-
-
-def test_bench_times_only_the_precisions_asked_for():
-    """--precisions fp32 (a CPU that only emulates bf16): the bf16 column is not run, fp32 is."""
-    torch.set_num_threads(1)
-    args = bench.parse_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2",
-                             "--steps", "1", "--precisions", "fp32", "--no-compile"])
-    row = bench.bench_method(mae, bench.method_config(mae, args), args, torch.device("cpu"))
-    assert row["bf16"] is None and row["compiled_bf16"] is None and row["fp32"]["img_s"] > 0
-    row["fp32"]["mfu"] = 0.5  # (bench_training divides by the peak)
-    assert "| — | — | — |" in bench.training_table([row])  # bf16 img/s, tokens/s, MFU
 
 
 def test_bench_bad_flags():
@@ -111,8 +102,6 @@ def test_bench_bad_flags():
         "error: unknown method 'nope'; choose from " + ", ".join(bench.METHODS)]
     with pytest.raises(UserError, match="unknown model 'vit_giant'"):
         bench.parse_args(["--model", "vit_giant"])
-    with pytest.raises(UserError, match="--precisions takes fp32, bf16, fp32,bf16 or auto"):
-        bench.parse_args(["--precisions", "fp16"])
     with pytest.raises(UserError, match="--steps must be positive"):
         bench.parse_args(["--steps", "0"])
     with pytest.raises(UserError, match="--img-size 30 is not divisible by --patch-size 16"):
