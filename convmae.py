@@ -41,7 +41,9 @@ feature) and of the mean of the normalised tokens, against the same encoder at i
     8.3): as for MAE's demo, minutes of pre-training do not give probe-able features
   Fashion-MNIST, ConvViT-micro at 32 px, strides 2 x 2 x 2 (stage 3: 4 x 4 tokens), a 2 x 128 decoder, 1 epoch, the
   command in README.md (1421 s pre-training wall on the shared machine; the whole run, evaluation included, took 9.4
-  CPU-minutes)
+  CPU-minutes). Why 32/8 and not MAE's 28 px grid (stride 4): the dense conv stages make a 28/4 image 3.1x as
+  costly (21 against 65 training images per CPU-second, fp32, one thread), ~48 CPU-minutes an epoch, past the
+  protocol's 20; at 32/8 an epoch is ~15 (re-run fp32 on an AVX2 machine: at most 15.0 CPU-minutes, loss 1.671)
     loss 2.47 (step 20) -> 1.17 (step 220), epoch mean 1.670; kNN 77.8 / 77.7, linear 81.8 / 81.9 (random init
     73.3 / 73.3, 78.0 / 78.0)
   Against Alpha-VL/ConvMAE (convmae_convvit_base_patch16 at 4c97b4c, run on CPU with np.float restored; our weights
@@ -51,12 +53,14 @@ feature) and of the mean of the normalised tokens, against the same encoder at i
   bitwise like MAE's, since the conv stages run on channels-last memory here (other oneDNN kernels, other summation
   order). Our encoder, renamed, loads into the official ConvViT-B with only the head missing.
   ConvMAE-B: 114,790,528 trainable parameters (tested), 34.44 GFLOP forward per 224-px image (17.22 GMAC, the
-  official count), 135.2 GFLOP forward + backward.
+  official count), 103.2 GFLOP forward + backward (bench.py; torch 2.14's own count, 135.2, took each depthwise
+  conv's weight gradient as dense).
   Speed, ConvMAE-B training step at 224 px, batch 8, bf16 autocast, forward + backward + fused AdamW, against the
   official model in the same process, alternating steps (a scratch script outside the repo): one thread, process
   CPU time per step 6.38 s (ours) vs 6.26 s (official), ratio 1.02; wall time on two contended threads, median of 3:
-  ratio 0.60 (per pair 0.98, 0.59, 0.69; too noisy to quote more than "no slower"). `python bench.py --methods
-  mae,convmae` on the contended machine gave no usable img/s (README.md, Performance, has MAE-B on a quiet one).
+  ratio 0.60 (per pair 0.98, 0.59, 0.69; too noisy to quote more than "no slower"). bench.py's step, fp32, batch 8,
+  one thread on a 2-core AVX2 AMD EPYC at load ~10: 23.9 CPU-s per step, 0.335 img per CPU-second, against MAE-B's
+  12.6 s and 0.635 (README.md, Performance).
 Deviations from the official code: masks are drawn from a generator seeded by (seed, rank, step) instead of the
 global RNG (exact resume); the conv stages run on channels-last memory (oneDNN's depthwise convolution and its
 weight gradient measured 2-5x faster on it, two threads; last bits differ); any input size divisible by p and any
