@@ -19,7 +19,17 @@ Run:     python beit.py                                    # offline demo: token
          python beit.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 16 beit.py --data imagenet --data-path /data/imagenet   # official: 16 x 128
 
-Results: README.md (demo, Fashion-MNIST, the official side-by-side and the bench row, with commands and machines).
+Results (2-core AMD EPYC, AVX2, fp32, torch 2.14.1, shared: load ~9, 1 thread; commands and tables in README.md):
+  python beit.py  (synthetic 32 px, 3000 images per split, ViT-micro/4, tokenizer 2 epochs, BEiT 2 epochs; 6.2 CPU-min)
+    stage 1: the tokenizer collapsed (8.6 % of 512 codes, perplexity 3.7, decode MSE 0.105 = the mean image's);
+    stage 2: loss 3.53 -> 0.93, masked-token accuracy 79 % (easy targets); kNN 10.7 / 9.0, linear 10.6 / 9.0
+    (random init 11.0 / 9.2, 12.3 / 7.5; chance 8.3)
+  Fashion-MNIST, 6000 images per split, command (7) in README.md: tokenizer 11 % of codes, perplexity 7.8; BEiT
+    loss 2.81 -> 1.78, accuracy 44.6 %; kNN 35.9 / 47.6, linear 39.4 / 45.6 (random init 47.4 / 47.4, 52.6 / 43.0)
+  Against microsoft/unilm beit/ (beit_base_patch16_224_8k_vocab, its weights copied in, same images, masks and ids,
+    fp32): the same loss (9.0334949, |difference| 0), logits within 6e-7; the generator gives the official masks bit
+    for bit when seeded alike. BEiT-B: 91,965,776 trainable parameters; a step is 49.3 GFLOP/img forward (13.2 of
+    them the tokenizer's) and 121.2 GFLOP/img forward + backward (FlopCounterMode, bench.py's count).
 Deviations from the official code: the tokenizer is ours (the DiscreteVAE layout of the official repository's
 `modeling_discrete_vae.py`, trained with DALL-E's objective, see DVAE); masks are drawn per image with Python's
 `random` as the official generator, from a generator seeded by (seed, rank, step) instead of the data workers' global
@@ -276,8 +286,8 @@ def step_rng(generator):
 #   [0, 1] (None where a tokenizer cannot show pixels); forward(view, generator, progress) -> (stage-1 loss, ids,
 #   {name: scalar}) so that DDP can wrap it; recon_error(view) -> the error it is judged by, a scalar.
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x in [0, 1] -> (1 - 2 eps) x + eps, so that logit(x) stays finite
-MIN_LOG_SCALE = math.log(1e-3)
-GAUSS_SIGMA = 0.1  # floor of the logit-Laplace scale b: flat image regions would drive it to 0
+MIN_LOG_SCALE = math.log(1e-3)  # floor of the logit-Laplace scale b: flat image regions would drive it to 0
+GAUSS_SIGMA = 0.1  # the fixed standard deviation of the Gaussian reconstruction, in [0, 1] pixels
 
 
 def map_pixels(x):
