@@ -43,7 +43,7 @@ from common import UserError
 from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
-from common.vit import VisionTransformer, count_params, vit_kwargs
+from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -174,13 +174,6 @@ class MaskGenerator:
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                      model                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
-def trunc_normal_sigma(tensor, std=0.02):
-    """N(0, std) truncated at +-1 std. official: `VisionTransformerForSimMIM._trunc_normal_` passes a=-std, b=std,
-    and it overrides the method the base ViT's init calls too, so every pre-training init is truncated at +-1 sigma
-    (the resulting standard deviation is 0.54 std). Fine-tuning models use timm's +-2 (absolute), i.e. no truncation."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
-
-
 class SimMIM(nn.Module):
     def __init__(self, img_size=224, patch_size=16, model="vit_base", drop_path=0.1, layer_scale=0.1):
         super().__init__()
@@ -200,23 +193,10 @@ class SimMIM(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Official order: cls token, then every Linear and Conv2d of the encoder (weights trunc-normal 0.02 at
-        +-1 sigma, biases 0) and LayerNorm 1/0, then `fix_init_weight`: attn.proj and mlp.fc2 of block l = 1..L
-        divided by sqrt(2 l); then the mask token. q/v biases are 0, the gains 0.1 and the relative position table 0
-        from construction; the decoder keeps PyTorch's default init (the official `_init_weights` never reaches it)."""
-        trunc_normal_sigma(self.encoder.cls_token)
-        for m in self.encoder.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_sigma(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        with torch.no_grad():
-            for layer, block in enumerate(self.encoder.blocks, start=1):
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        """The official pre-training init of the encoder (`init_beit_style`, shared with BEiT: cls token, trunc-normal
+        0.02 at +-1 sigma, the 1/sqrt(2 l) rescale), then the mask token, trunc-normal too; the decoder keeps
+        PyTorch's default init (the official `_init_weights` never reaches it)."""
+        init_beit_style(self.encoder)
         trunc_normal_sigma(self.mask_token)
 
     def forward_encoder(self, imgs, mask):

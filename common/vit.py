@@ -5,9 +5,12 @@ Parameter names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`, `bloc
 `gamma_2`, `rel_pos_bias.relative_position_bias_table`) so an encoder's state dict loads into
 `timm.models.vision_transformer.VisionTransformer` or `timm.models.beit.Beit` of the same size.
 
-Modules here keep PyTorch's default initialisation: each method applies the init of its official code.
+Modules here keep PyTorch's default initialisation: each method applies the init of its official code (BEiT and
+SimMIM share theirs: `init_beit_style`).
 Shapes: B batch, N patch tokens, D width, H heads, p patch size.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -290,6 +293,36 @@ class VisionTransformer(nn.Module):
         """Stochastic depth linspace(0, rate, depth) over the blocks (fine-tuning sets it after pre-training)."""
         for r, block in zip(drop_path_rates(rate, len(self.blocks)), self.blocks):
             block.drop_path.drop_prob = r
+
+
+def trunc_normal_sigma(tensor, std=0.02):
+    """N(0, std) truncated at +-1 std, the pre-training init of the BEiT-style ViT. official (BEiT
+    `modeling_pretrain.trunc_normal_`, SimMIM `VisionTransformerForSimMIM._trunc_normal_`): timm's trunc_normal_ with
+    a=-std, b=std, which the base ViT's init calls too, so every pre-training init is truncated at +-1 sigma (the
+    resulting standard deviation is 0.54 std). Fine-tuning models use timm's +-2 (absolute), i.e. no truncation."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+def init_beit_style(encoder, std=0.02):
+    """The pre-training init that BEiT and SimMIM share (official `VisionTransformer.__init__` of both, in this
+    order): the cls token, then every Linear and Conv2d (weights trunc_normal_sigma(std), biases 0) and LayerNorm
+    (1 / 0), then `fix_init_weight`: attn.proj and mlp.fc2 of block l = 1..L divided by sqrt(2 l), which keeps the
+    residual stream's variance from growing with depth. q/v biases (0), layer-scale gains and the shared relative
+    position table (0) keep their construction values. A method initialises its own extra pieces (mask token,
+    heads) after this."""
+    trunc_normal_sigma(encoder.cls_token, std)
+    for m in encoder.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_sigma(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer, block in enumerate(encoder.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 def drop_path_rates(rate, depth):

@@ -1,0 +1,368 @@
+"""BEiT: parameter counts, the blockwise mask generator (statistics and a hand check), the tokenizer, the loss on
+masked positions only, init, schedule, views, timm compatibility, and the CLI through both stages (resume, reuse of a
+tokenizer file, --stage tokenizer, two processes, bench.py)."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import beit
+from common.training import parse_config
+from common.vit import count_params
+from conftest import ROOT, TINY, read_log, run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# TINY plus a 2x tokenizer (16 px view -> 4 x 4 tokens = the patch grid) small enough for seconds
+BEIT_TINY = TINY + ["--vocab-size", "64", "--dvae-stride", "4", "--dvae-hidden", "16", "--dvae-codebook-dim", "16",
+                    "--tokenizer-epochs", "1", "--tokenizer-batch-size", "16"]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_tokenizer(vocab=64):
+    torch.manual_seed(0)
+    return beit.DVAE(vocab, stride=4, hidden=16, codebook_dim=16)
+
+
+def tiny_beit(img_size=16, **kw):
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    return beit.BEiT(tok, img_size, 4, "vit_nano", 64, **kw)
+
+
+def test_paper_parameter_counts():
+    """Trainable parameters of the official pre-training models (reference B9; unilm#383 logs 91,965,776); the
+    frozen tokenizer does not count."""
+    with torch.device("meta"):
+        base = beit.BEiT(beit.DVAE(8192, 8, 256, 512), 224, 16, "vit_base", 8192, layer_scale=0.1)
+        large = beit.BEiT(beit.DVAE(8192, 8, 256, 512), 224, 16, "vit_large", 8192, layer_scale=1e-5)
+    assert count_params(base) == 91_965_776
+    assert count_params(base.lm_head) == 768 * 8192 + 8192
+    assert count_params(base.encoder) + 768 == 85_666_128  # the official backbone holds the mask token
+    assert count_params(large) == 311_534_016
+    assert count_params(base.tokenizer) == 0 and count_params(base.tokenizer, trainable=False) > 20e6
+    cfg, _ = parse_config(beit.Config, beit.PRESETS, ["--data", "imagenet", "--model", "vit_large"])
+    assert beit.layer_scale(cfg) == 1e-5 and beit.layer_scale(beit.Config(model="vit_base")) == 0.1
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+def test_mask_generator_statistics_at_imagenet_size():
+    """2000 masks at 14 x 14 with the official arguments: never more than 75, every block's target area >= 16 while
+    the budget allows it, aspect in [0.3, 1/0.3], sides below the grid and rounded from the drawn area and aspect;
+    the count is 75 for most images but not all; the per-position frequency is symmetric under flips."""
+    gen = beit.MaskingGenerator(14, 75, 16, None, 0.3)
+    rng = random.Random(0)
+    counts, freq = [], np.zeros((14, 14))
+    for _ in range(2000):
+        boxes = []
+        mask = gen.draw(rng, boxes)
+        counts.append(int(mask.sum()))
+        freq += mask
+        replay = np.zeros((14, 14), dtype=np.int64)
+        for top, lft, h, w, area, aspect in boxes:
+            left = 75 - replay.sum()  # the budget when this block was drawn
+            assert 0.3 - 1e-9 <= aspect <= 1 / 0.3 + 1e-9
+            assert min(16, left) - 1e-9 <= area <= max(16, left) + 1e-9  # U(16, budget left)
+            assert (h, w) == (round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect)))
+            assert h < 14 and w < 14
+            assert 0 < h * w - replay[top:top + h, lft:lft + w].sum() <= left  # new patches within the budget
+            replay[top:top + h, lft:lft + w] = 1
+        assert np.array_equal(replay, mask)  # the blocks are the mask
+        assert len(boxes) >= 1
+    counts = np.array(counts)
+    assert counts.max() == 75 and counts.min() >= 16
+    assert 0.5 < (counts == 75).mean() < 1.0  # 10 failed draws end an image early sometimes
+    assert 70 < counts.mean() < 75
+    freq /= 2000
+    assert np.abs(freq - freq[::-1]).max() < 0.06 and np.abs(freq - freq[:, ::-1]).max() < 0.06
+    assert freq[5:9, 5:9].mean() > freq[[0, 0, -1, -1], [0, -1, 0, -1]].mean()  # blocks cover the centre more
+
+
+def test_mask_generator_hand_check_on_a_small_grid():
+    """5 x 5 grid, budget 6, blocks >= 3, Random(7). Its draws: random() = 0.32383, 0.15085 -> target area
+    3 + 3 x 0.32383 = 3.9715, aspect exp(log 0.3 + log(1/0.09) x 0.15085) = 0.43139 -> h = round(sqrt(1.7133)) = 1,
+    w = round(sqrt(9.2063)) = 3; randint(0, 4) = 0, randint(0, 2) = 0: a 1 x 3 block at (0, 0), 3 patches. Budget
+    left 3: area uniform(3, 3) = 3, aspect 0.37632 -> h = round(sqrt(1.129)) = 1, w = round(sqrt(7.972)) = 3;
+    randint(0, 4) = 4, randint(0, 2) = 0: a 1 x 3 block at (4, 0): 6 patches, done."""
+    gen = beit.MaskingGenerator(5, 6, 3)
+    boxes = []
+    mask = gen.draw(random.Random(7), boxes)
+    expected = np.zeros((5, 5), dtype=np.int64)
+    expected[0, :3] = expected[4, :3] = 1
+    assert np.array_equal(mask, expected)
+    assert [b[:4] for b in boxes] == [(0, 0, 1, 3), (4, 0, 1, 3)]
+    assert boxes[0][4] == pytest.approx(3.9715, abs=1e-4) and boxes[0][5] == pytest.approx(0.43139, abs=1e-5)
+    # the batch of a step: images drawn in a row from one Random, the same for the same seed, on any device
+    batch = gen(3, random.Random(7))
+    assert batch.dtype == torch.bool and batch.shape == (3, 25)
+    assert torch.equal(batch[0], torch.from_numpy(expected).flatten().bool())
+    assert torch.equal(batch, gen(3, random.Random(7))) and not torch.equal(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("img,patch,grid,num,min_block", [(224, 16, 14, 75, 16), (32, 4, 8, 24, 5),
+                                                          (28, 4, 7, 19, 4), (32, 2, 16, 98, 21)])
+def test_mask_budget_scales_with_the_grid(img, patch, grid, num, min_block):
+    """75/196 and 16/196 of the grid, rounded: the ImageNet fractions on every grid."""
+    gen = beit.mask_generator(beit.Config(img_size=img, patch_size=patch))
+    assert (gen.height, gen.num_masking_patches, gen.min_num_patches) == (grid, num, min_block)
+
+
+def test_step_masks_follow_the_step_generator():
+    cfg = beit.Config(img_size=32, patch_size=4)
+    gen = beit.mask_generator(cfg)
+    a = gen(8, beit.step_rng(torch.Generator().manual_seed(5)))
+    assert torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(5))))
+    assert not torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(6))))
+    assert (a.sum(1) <= 24).all()
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_shapes_and_decode():
+    tok = tiny_tokenizer()
+    view = torch.rand(3, 3, 16, 16)
+    ids = tok.get_codebook_indices(view)
+    assert ids.shape == (3, 16) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 64
+    assert torch.equal(ids, tok.logits(view).argmax(1).flatten(1))  # argmax, row-major
+    img = tok.decode(ids, (4, 4))
+    assert img.shape == (3, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    assert beit.DVAE(64, stride=8, hidden=8, codebook_dim=8).get_codebook_indices(torch.rand(1, 3, 24, 16)).shape == (1, 6)
+    tok.schedule = beit.dvae_schedule(beit.Config())
+    loss, hard, terms = tok(view, torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(hard, ids) and terms["tau"] == 1.0 and terms["beta"] == 0.0 and torch.isfinite(loss)
+    assert 0 <= terms["kl"] <= math.log(64) + 1e-5
+    assert beit.cosine_anneal(1.0, 0.05, 1.0, 1 / 16) == 1 / 16 and beit.cosine_anneal(0.025, 0.05, 1.0, 0.0) == pytest.approx(0.5)
+
+
+def test_tokenizer_uses_many_codes_after_a_short_fit(one_thread):
+    """A short stage-1 fit on synthetic images: the tokens of 64 images use more than a handful of the 64 codes,
+    and decoding them is closer to the images than at init."""
+    from common.data import render_synthetic
+    imgs = torch.stack([torch.from_numpy(render_synthetic(i, 16, 0)[0]) for i in range(64)]).permute(0, 3, 1, 2) / 255
+    tok = tiny_tokenizer()
+    tok.schedule = beit.dvae_schedule(beit.Config(dvae_kl_warmup=0.2, dvae_temp_anneal=0.5))  # beta 6.6, relaxed
+    opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
+    before = tok.recon_error(imgs).item()
+    for step in range(150):
+        loss, _, _ = tok(imgs, torch.Generator().manual_seed(step), step / 150)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    used = tok.get_codebook_indices(imgs).unique().numel()
+    assert used > 8, used
+    assert tok.recon_error(imgs).item() < 0.8 * before
+
+
+# ----------------------------------------------------------------------------------------------- model and loss
+def test_loss_is_cross_entropy_on_masked_positions_only():
+    m = tiny_beit().eval()
+    imgs, view = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 2, 5]] = True
+    mask[1, [0, 15]] = True
+    ids = m.tokenizer.get_codebook_indices(view)
+    with torch.no_grad():
+        loss, acc = m(imgs, view, mask, 6)
+        x = m.forward_encoder(imgs, mask)
+        logits = m.lm_head(x[mask])  # the official lm_head(x[bool_masked_pos]): [5, V]
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, ids[mask]).item(), rel=1e-6)
+    assert acc.item() == pytest.approx((logits.argmax(-1) == ids[mask]).float().mean().item())
+    # other targets at visible positions change nothing; at a masked one, the loss
+    other = ids.clone()
+    other[~mask] = (other[~mask] + 1) % 64
+    m.tokenizer.get_codebook_indices = lambda v: other
+    with torch.no_grad():
+        assert m(imgs, view, mask, 6)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+        other[0, 1] = (other[0, 1] + 1) % 64
+        assert m(imgs, view, mask, 6)[0].item() != pytest.approx(loss.item(), rel=1e-6)
+    order, valid = beit.masked_positions(mask, 6)
+    assert order[0, :3].tolist() == [1, 2, 5] and valid.sum() == 5 and order[1, :2].tolist() == [0, 15]
+
+
+def test_hidden_patches_do_not_reach_the_encoder():
+    m = tiny_beit().eval()
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :6] = True
+    hidden = mask.view(2, 1, 4, 4).float().repeat_interleave(4, 2).repeat_interleave(4, 3)  # [B, 1, H, W]
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = m.forward_encoder(imgs, mask)
+        assert torch.equal(out, m.forward_encoder(imgs + 5 * torch.randn_like(imgs) * hidden, mask))
+        assert not torch.allclose(out, m.forward_encoder(imgs + 5 * torch.randn_like(imgs) * (1 - hidden), mask))
+
+
+def test_official_init_shared_with_simmim():
+    torch.manual_seed(0)
+    m = beit.BEiT(tiny_tokenizer(), 32, 4, "vit_nano", 64)
+    enc = m.encoder
+    sigma_std = 0.02 * math.sqrt(1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(1 / math.sqrt(2)))
+    for name, w in [("qkv", enc.blocks[1].attn.qkv.weight), ("fc1", enc.blocks[0].mlp.fc1.weight),
+                    ("cls", enc.cls_token), ("mask", m.mask_token), ("head", m.lm_head.weight)]:
+        assert w.abs().max() <= 0.02, name  # truncated at +-1 sigma
+        if w.numel() > 1000:
+            assert w.std().item() == pytest.approx(sigma_std, rel=0.05), name
+    for layer, block in enumerate(enc.blocks, start=1):
+        for w in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert w.std().item() * math.sqrt(2 * layer) == pytest.approx(sigma_std, rel=0.05)
+        assert torch.all(block.gamma_1 == 0.1) and block.attn.qkv.bias is None
+    assert torch.all(m.lm_head.bias == 0) and enc.pos_embed is None
+    assert torch.all(enc.rel_pos_bias.relative_position_bias_table == 0)
+    assert not any(p.requires_grad for p in m.tokenizer.parameters())
+    m.train()
+    assert m.encoder.training and not m.tokenizer.training
+
+
+def test_lr_schedule_equals_the_official_cosine_scheduler():
+    """utils.cosine_scheduler: np.linspace(0, lr, W) then the cosine over the remaining iterations."""
+    cfg = beit.Config(epochs=5, warmup_epochs=2, lr=1.5e-3, min_lr=1e-5)
+    spe = 7
+    W, T = 2 * spe, 5 * spe
+    official = np.concatenate([np.linspace(0, 1.5e-3, W), [1e-5 + 0.5 * (1.5e-3 - 1e-5) * (1 + math.cos(
+        math.pi * i / (T - W))) for i in range(T - W)]])
+    ours = [beit.beit_lr(i, spe, cfg) for i in range(T)]
+    assert ours == pytest.approx(official.tolist(), rel=1e-12, abs=1e-15)
+
+
+def test_two_views_share_one_crop(one_thread):
+    """Resident path: the model view and the tokenizer view come from the same crop box and flip (at equal sizes
+    they are equal up to the normalisation); colour jitter factors stay within 1 -/+ 0.4."""
+    from common.data import IMAGENET_MEAN, IMAGENET_STD
+    imgs = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    model_view, tok_view = beit.two_view_augment(16, 16)(imgs, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose((model_view * std + mean).clamp(0, 1), tok_view, atol=1e-5)
+    small = beit.two_view_augment(16, 8)(imgs, torch.Generator().manual_seed(0))[1]
+    assert small.shape == (6, 3, 8, 8) and small.min() >= 0 and small.max() <= 1
+    x = torch.full((2, 3, 4, 4), 0.5)
+    y = beit.color_jitter(x, torch.Generator().manual_seed(0))
+    assert ((y / 0.5) >= 0.6 ** 3 - 1e-6).all() and ((y / 0.5) <= 1.4 ** 3 + 1e-6).all()
+
+
+def test_encoder_loads_into_timm_beit_with_same_features():
+    timm = pytest.importorskip("timm")
+    m = tiny_beit(img_size=32)
+    with torch.no_grad():
+        for name, p in m.encoder.named_parameters():
+            if "gamma" in name or "bias" in name:
+                p.normal_(0, 0.5)
+    ref = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                                use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                                init_values=0.1, global_pool="token")
+    ref.load_state_dict(m.encoder.state_dict(), strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    m.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(m.encoder.forward_features(imgs), ref.forward_features(imgs), atol=1e-5)
+
+
+def test_bad_flags_are_one_line_errors():
+    from common import UserError
+    for bad in (["--stage", "tokens"], ["--num-mask-patches", "300"], ["--dvae-stride", "6"], ["--min-aspect", "2"],
+                ["--min-mask-patches-per-block", "100"], ["--vocab-size", "1"], ["--dvae-kl-warmup", "2"]):
+        with pytest.raises(UserError):
+            parse_config(beit.Config, beit.PRESETS, ["--data", "imagenet", *bad])
+    with pytest.raises(UserError, match="cannot read tokenizer"):
+        beit.resolve_tokenizer(beit.Config(tokenizer=str(ROOT / "requirements.txt")), "/tmp")
+
+
+# ------------------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """`python beit.py` (tiny): stage 1 into <out>/tokenizer.pth, stage 2, monitors, files."""
+    out = tmp_path_factory.mktemp("beit") / "run"
+    proc = run_script("beit.py", *BEIT_TINY, "--out", out, env=ONE_THREAD)
+    return out, proc
+
+
+def test_cli_walks_tokenizer_pretraining_monitors_files(first_run):
+    out, proc = first_run
+    assert "stage 1: dvae tokenizer" in proc.stdout
+    for name in ("config.json", "log.jsonl", "tokenizer.pth", "tokenizer_e0.png", "checkpoint.pth", "encoder.pth",
+                 "recon_e0.png", "recon_e1.png", "results.json"):
+        assert (out / name).is_file(), name
+    (tok_epoch,) = read_log(out, "tokenizer_epoch")
+    assert {"recon_mse", "perplexity", "codes_used", "nll", "kl"} <= set(tok_epoch)
+    assert 1 <= tok_epoch["perplexity"] <= 64 and 0 < tok_epoch["codes_used"] <= 1 and tok_epoch["recon_mse"] > 0
+    saved = torch.load(out / "tokenizer.pth", weights_only=True)
+    assert saved["kind"] == "dvae" and saved["complete"] and "optimizer" not in saved
+    assert saved["config"] == dict(vocab_size=64, stride=4, hidden=16, codebook_dim=16)
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "beit" and results["global_step"] == 8  # 64 images / 16 x 2 epochs
+    assert 0 <= results["mlm_acc"] <= 1 and 0 < results["final_loss"] < 2 * math.log(64)
+    assert results["tokenizer"]["codes_used"] == tok_epoch["codes_used"]
+    for which in ("pretrained", "random_init"):
+        assert set(results["eval"][which]) == {"knn_cls", "knn_mean", "linear_cls", "linear_mean"}
+    epochs = read_log(out, "epoch")
+    assert len(epochs) == 2 and all(0 <= e["mlm_acc"] <= 1 for e in epochs)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == pytest.approx(cfg["blr"] * 16 / 256) and cfg["clip_grad"] == 3.0
+    lrs = [s["lr"] for s in read_log(out, "step")]  # warm-up 0.5 epoch = 2 steps: linspace(0, lr, 2), then cosine
+    assert lrs[:4] == pytest.approx([0.0, cfg["lr"], cfg["lr"], cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (
+        1 + math.cos(math.pi / 6))], rel=1e-6)
+    state = torch.load(out / "encoder.pth", weights_only=True)
+    assert "mask_token" not in state and not any(k.startswith("tokenizer") for k in state)
+
+
+def test_resume_reuses_the_tokenizer(first_run):
+    out, _ = first_run
+    before = (out / "tokenizer.pth").read_bytes()
+    proc = run_script("beit.py", *BEIT_TINY, "--epochs", "3", "--out", out, "--resume", "auto", env=ONE_THREAD)
+    assert "stage 1:" not in proc.stdout and f"tokenizer: dvae from {out}/tokenizer.pth" in proc.stdout
+    assert (out / "tokenizer.pth").read_bytes() == before
+    assert [s["step"] for s in read_log(out, "step")] == list(range(12))  # 8 steps, then 4 more
+
+
+def test_stage_tokenizer_into_a_new_path_then_ddp_pretraining_reusing_it(first_run, tmp_path):
+    """--stage tokenizer with a --tokenizer PATH that does not exist trains it there (and nothing else); a
+    2-process gloo run of pre-training then loads an existing tokenizer file instead of training one."""
+    path = tmp_path / "tok" / "dvae.pth"
+    proc = run_script("beit.py", *BEIT_TINY, "--stage", "tokenizer", "--tokenizer", path, "--out", tmp_path / "s1",
+                      env=ONE_THREAD)
+    assert "stage 1 done" in proc.stdout and path.is_file() and not (tmp_path / "s1" / "checkpoint.pth").exists()
+    assert torch.load(path, weights_only=True)["complete"]
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    first, _ = first_run
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + (hash(str(out)) % 1000)), str(ROOT / "beit.py"), *BEIT_TINY, "--tokenizer",
+                          str(first / "tokenizer.pth"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, **ONE_THREAD})
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "stage 1:" not in ddp.stdout and f"tokenizer: dvae from {first}/tokenizer.pth" in ddp.stdout
+    assert [s["step"] for s in read_log(out, "step")] == list(range(4))  # 64 images / (16 x 2 ranks) x 2 epochs
+    (done,) = read_log(out, "done")
+    assert done["world_size"] == 2 and done["replicas_identical"] is True
+    assert not (out / "tokenizer.pth").exists()
+
+
+def test_bench_row_counts_the_tokenizer(one_thread):
+    """bench.py's row for BEiT (in process, with a tiny tokenizer: the ImageNet one takes minutes here): the step it
+    times includes the tokenizer's forward, and its FLOPs are the tokenizer's plus the encoder's and the head's."""
+    import argparse
+    from dataclasses import replace
+    import bench
+    args = bench.parse_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2",
+                             "--steps", "1", "--no-compile"])
+    cfg = replace(bench.method_config(beit, args), vocab_size=64, dvae_hidden=16, dvae_codebook_dim=16)
+    row = bench.bench_method(beit, cfg, argparse.Namespace(**{**vars(args), "compile": False}), torch.device("cpu"))
+    model = beit.build_model(cfg)
+    assert row["params"] == count_params(model) == count_params(model.encoder) + 64 + 64 * 64 + 64
+    batch = beit.bench_batch(torch.randn(2, 3, 16, 16), cfg)
+    assert batch[1].shape == (2, 3, 32, 32)  # the ImageNet tokenizer's stride 8 x the 4 x 4 patch grid
+    fwd, _ = bench.count_flops(lambda: beit.training_loss(model, batch, cfg, torch.Generator().manual_seed(0)))
+    tok_fwd, _ = bench.count_flops(lambda: model.tokenizer.logits(batch[1]).sum().requires_grad_())
+    assert row["fwd_gflop_per_img"] == pytest.approx(fwd / 2 / 1e9, rel=1e-9)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    without, _ = bench.count_flops(lambda: model.lm_head(model.forward_encoder(batch[0], mask)[:, :6]).sum())
+    assert tok_fwd > 0 and fwd == pytest.approx(without + tok_fwd, rel=1e-9)  # the tokenizer is in the step
+    assert row["fp32"]["img_s"] > 0 and row["bf16"]["img_s"] > 0
