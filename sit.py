@@ -120,8 +120,8 @@ PRESETS = {
     # about 8 encoder passes per image (student forward + backward and teacher forward, on two views of every token),
     # so the demo pre-trains on a subset; the lr is raised for the short run, the head is narrower, and lmbda is the
     # small-data 5.
-    "demo": dict(img_size=32, patch_size=4, model="vit_micro", head_hidden_dim=1024, lmbda=5.0, subset=4000,
-                 epochs=4, warmup_epochs=0.5, batch_size=64, blr=2e-3, workers=2),
+    "demo": dict(img_size=32, patch_size=4, model="vit_micro", head_hidden_dim=1024, lmbda=5.0, subset=2000,
+                 epochs=3, warmup_epochs=0.5, batch_size=64, blr=2e-3, workers=2),
     # CIFAR-10/100, (Fashion-)MNIST at their native 32/28 px: our choice (the paper upsamples small datasets to 224
     # px and trains ViT-S/16). ViT-T with patch 2 gives a 16 x 16 grid like ImageNet's 14 x 14; lmbda 5 as the README
     # advises for small data; the official schedule and global batch 256 (lr 5e-4).
