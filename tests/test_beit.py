@@ -354,7 +354,7 @@ def test_bench_row_counts_the_tokenizer(one_thread):
     args = bench.parse_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2",
                              "--steps", "1", "--no-compile"])
     cfg = replace(bench.method_config(beit, args), vocab_size=64, dvae_hidden=16, dvae_codebook_dim=16)
-    row = bench.bench_method(beit, cfg, argparse.Namespace(**{**vars(args), "compile": False}), torch.device("cpu"))
+    row = bench.bench_method(beit, cfg, argparse.Namespace(**{**vars(args), "compile": False, "bf16": True}), torch.device("cpu"))
     model = beit.build_model(cfg)
     assert row["params"] == count_params(model) == count_params(model.encoder) + 64 + 64 * 64 + 64
     batch = beit.bench_batch(torch.randn(2, 3, 16, 16), cfg)
