@@ -19,11 +19,12 @@ Run:     python beit.py                                    # offline demo: token
          python beit.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 16 beit.py --data imagenet --data-path /data/imagenet   # official: 16 x 128
 
-Results (2-core AMD EPYC, AVX2, fp32, torch 2.14.1, shared: load ~9, 1 thread; commands and tables in README.md):
-  python beit.py  (synthetic 32 px, 3000 images per split, ViT-micro/4, tokenizer 2 epochs, BEiT 2 epochs; 6.2 CPU-min)
-    stage 1: the tokenizer collapsed (8.6 % of 512 codes, perplexity 3.7, decode MSE 0.105 = the mean image's);
-    stage 2: loss 3.53 -> 0.93, masked-token accuracy 79 % (easy targets); kNN 10.7 / 9.0, linear 10.6 / 9.0
-    (random init 11.0 / 9.2, 12.3 / 7.5; chance 8.3)
+Results (2-core AMD EPYC, AVX2, fp32, torch 2.14.1; shared at load ~9 with 1 thread unless said; README.md):
+  python beit.py  (synthetic 32 px, 3000 images per split, ViT-micro/4, tokenizer 2 epochs, BEiT 2 epochs; 2 min 28 s
+  wall, 4.8 CPU-min, on the same CPU quiet with 2 threads)
+    stage 1: the tokenizer collapsed (9.6 % of 512 codes, perplexity 3.6, decode MSE 0.105 = the mean image's);
+    stage 2: loss 3.58 -> 1.04, masked-token accuracy 75 % (easy targets); kNN 10.7 / 9.5, linear 11.8 / 8.5
+    (random init 11.0 / 9.2, 12.3 / 7.5; chance 8.3). At load ~9 with 1 thread: 8.6 % of codes, accuracy 79 %.
   Fashion-MNIST, 6000 images per split, command (7) in README.md: tokenizer 11 % of codes, perplexity 7.8; BEiT
     loss 2.81 -> 1.78, accuracy 44.6 %; kNN 35.9 / 47.6, linear 39.4 / 45.6 (random init 47.4 / 47.4, 52.6 / 43.0)
   Against microsoft/unilm beit/ (beit_base_patch16_224_8k_vocab, its weights copied in, same images, masks and ids,
