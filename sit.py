@@ -35,8 +35,8 @@ Results (2-core AMD EPYC, AVX2 only, no GPU, torch 2.14.1, fp32; the machine was
   on CPU) against ours over 2048 images at 224 px: P(replace) 0.511 vs 0.491; drop area mean 0.5112 vs 0.5103 (std
   0.0105 vs 0.0096), replace area 0.3144 vs 0.3133 (KS p 0.15, 0.06); blocks per image 40.2 vs 39.8; block sides
   mean 30.3 vs 30.5 px over 1-66 px (KS p 0.79); aligned to 16 px and at 32 px likewise (KS p 0.14-1.0).
-  python sit.py  (synthetic 32 px, 12 classes, ViT-micro/4, 2000 images, 3 epochs, batch 64; 50 min 40 s wall at load
-  5-10 with 2 threads, 22.6 CPU-min, to be re-timed on a quiet machine)
+  python sit.py  (synthetic 32 px, 12 classes, ViT-micro/4, 2000 images, 3 epochs, batch 64; 4 min 05 s wall on the
+  same CPU quiet, 2 threads, 7.9 CPU-min; the same numbers as at load 5-10, where it took 50 min 40 s)
     loss 7.862 -> 6.341 -> 5.697 (reconstruction 0.975 -> 0.683 -> 0.564, contrastive 2.99 -> 2.93 -> 2.88);
     kNN 10.7 / 9.4, linear 12.7 / 9.0 (random init 9.8 / 9.2, 13.2 / 9.2; chance 8.3)
   Fashion-MNIST, ViT-micro/4 at 28 px, 1 epoch over 4,000 images, the command in README.md (1532 s pre-training
