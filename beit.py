@@ -618,6 +618,9 @@ def train_tokenizer(cfg, run, kind, path, tokenizer=None, saved=None):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(record, path)
 
+    def capped(steps):  # --max-steps caps stage 1 only when stage 1 is all this run does
+        return cfg.stage == "tokenizer" and 0 < cfg.max_steps <= steps
+
     stats = {}
     for epoch in range(start_epoch, cfg.tokenizer_epochs):
         tokenizer.train()
@@ -625,9 +628,12 @@ def train_tokenizer(cfg, run, kind, path, tokenizer=None, saved=None):
         sums = torch.zeros(3, device=run.device)  # loss, nll, kl summed over the epoch's steps
         bar = progress(total=data.steps_per_epoch, initial=start_step, desc=f"tokenizer epoch {epoch}",
                        is_main=run.is_main)
-        t0, steps = time.perf_counter(), 0
+        t0, steps, stopped = time.perf_counter(), 0, False
         for step, ((_, view), _) in enumerate(data.epoch(epoch, start_step), start_step):
             it = epoch * data.steps_per_epoch + step
+            stopped = capped(it)  # --stage tokenizer --max-steps: stop before this step; a later run continues
+            if stopped:
+                break
             lr = set_lr(optimizer, cfg.tokenizer_min_lr + (cfg.tokenizer_lr - cfg.tokenizer_min_lr) * 0.5 * (
                 1 + math.cos(math.pi * it / total)))
             with run.autocast():
@@ -655,6 +661,10 @@ def train_tokenizer(cfg, run, kind, path, tokenizer=None, saved=None):
                 barrier()
                 raise Preempted()
         bar.close()
+        if stopped:
+            save(epoch, step, False, stats)
+            run.log(f"stage 1 stopped after {it} steps (--max-steps); run again to continue {path}")
+            break
         start_step = 0
         run.guard.check()
         if run.dist.world_size > 1:
@@ -678,6 +688,8 @@ def train_tokenizer(cfg, run, kind, path, tokenizer=None, saved=None):
                                 f"{kind} tokenizer epoch {epoch}: MSE {recon:.4f}, perplexity {perplexity:.0f}, "
                                 f"{used:.0%} of {tokenizer.vocab_size} codes used", run.autocast())
         save(epoch + 1, 0, epoch + 1 == cfg.tokenizer_epochs, stats)
+    run.write_log(kind="tokenizer_done", global_step=run.global_step, world_size=run.dist.world_size,
+                  replicas_identical=run.replicas_identical(tokenizer))
     barrier()
     if run.log_file is not None:
         run.log_file.close()
@@ -855,7 +867,8 @@ def main():
     run = Run(cfg, "beit", preset)  # sets cfg.lr = blr x global batch / 256
     tokenizer, tokenizer_path = obtain_tokenizer(cfg, run)  # stage 1 when its file does not hold a finished one
     if cfg.stage == "tokenizer":
-        run.log(f"stage 1 done: {tokenizer_path}")
+        if load_file(tokenizer_path, "tokenizer")["complete"]:
+            run.log(f"stage 1 done: {tokenizer_path}")
         return
     cfg.vocab_size, cfg.dvae_stride = tokenizer.vocab_size, tokenizer.stride  # a tokenizer file brings its own
     tok_size = tokenizer_view_size(cfg, tokenizer.stride)

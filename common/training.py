@@ -595,18 +595,23 @@ class Run:
     def finish_training(self, seconds):
         """End of pre-training: under DDP, check that every rank ended with the same parameters (a silent
         desync would otherwise only show as worse numbers); log it."""
-        identical = True
-        if self.dist.world_size > 1:
-            sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                                for p in self.model.parameters()])  # [num tensors, 2], a fingerprint per tensor
-            gathered = [torch.empty_like(sums) for _ in range(self.dist.world_size)]
-            torch_dist.all_gather(gathered, sums)
-            identical = all(torch.equal(g, gathered[0]) for g in gathered)
-            self.log(f"DDP check: parameters {'identical' if identical else 'DIFFERENT'} on "
-                     f"{self.dist.world_size} ranks")
+        identical = self.replicas_identical(self.model)
         self.write_log(kind="done", global_step=self.global_step, seconds=round(seconds, 1),
                        world_size=self.dist.world_size, replicas_identical=identical)
         self.log(f"pre-training done in {seconds:.0f}s")
+
+    def replicas_identical(self, model):
+        """Under DDP, whether every rank holds the same parameters of `model` (a fingerprint per tensor, gathered);
+        logged. True on one process."""
+        if self.dist.world_size == 1:
+            return True
+        sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                            for p in model.parameters()])  # [num tensors, 2], a fingerprint per tensor
+        gathered = [torch.empty_like(sums) for _ in range(self.dist.world_size)]
+        torch_dist.all_gather(gathered, sums)
+        identical = all(torch.equal(g, gathered[0]) for g in gathered)
+        self.log(f"DDP check: parameters {'identical' if identical else 'DIFFERENT'} on {self.dist.world_size} ranks")
+        return identical
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save(self, epoch, step):

@@ -3,7 +3,10 @@ masked positions only, init, schedule, views, timm compatibility, and the CLI th
 tokenizer file, --stage tokenizer, two processes, bench.py)."""
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -329,20 +332,55 @@ def test_stage_tokenizer_into_a_new_path_then_ddp_pretraining_reusing_it(first_r
                       env=ONE_THREAD)
     assert "stage 1 done" in proc.stdout and path.is_file() and not (tmp_path / "s1" / "checkpoint.pth").exists()
     assert torch.load(path, weights_only=True)["complete"]
-    import subprocess
-    import sys
     out = tmp_path / "ddp"
     first, _ = first_run
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + (hash(str(out)) % 1000)), str(ROOT / "beit.py"), *BEIT_TINY, "--tokenizer",
-                          str(first / "tokenizer.pth"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, **ONE_THREAD})
-    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    ddp = torchrun_beit(*BEIT_TINY, "--tokenizer", first / "tokenizer.pth", "--out", out)
     assert "stage 1:" not in ddp.stdout and f"tokenizer: dvae from {first}/tokenizer.pth" in ddp.stdout
     assert [s["step"] for s in read_log(out, "step")] == list(range(4))  # 64 images / (16 x 2 ranks) x 2 epochs
     (done,) = read_log(out, "done")
     assert done["world_size"] == 2 and done["replicas_identical"] is True
     assert not (out / "tokenizer.pth").exists()
+
+
+def torchrun_beit(*args, timeout=300):
+    """beit.py under `torchrun --nproc_per_node 2` on CPU (gloo), one thread per process."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + (hash(str(args)) % 1000)), str(ROOT / "beit.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_stage_one_under_ddp_keeps_the_replicas_identical(tmp_path):
+    """Stage 1 on 2 processes (gloo): each rank tokenizes its own shard, DDP averages the gradients, so both ranks
+    end with the same tokenizer; the steps are the global batch's (64 images / (16 x 2 ranks) x 2 epochs)."""
+    out = tmp_path / "ddp"
+    proc = torchrun_beit(*BEIT_TINY, "--stage", "tokenizer", "--tokenizer-epochs", "2", "--out", out)
+    assert "stage 1 done" in proc.stdout and "DDP check: parameters identical on 2 ranks" in proc.stdout
+    (done,) = read_log(out, "tokenizer_done")
+    assert done == dict(kind="tokenizer_done", global_step=4, world_size=2, replicas_identical=True)
+    assert [s["step"] for s in read_log(out, "tokenizer_step")] == list(range(4))
+    assert torch.load(out / "tokenizer.pth", weights_only=True)["complete"]
+
+
+def test_stage_one_stopped_mid_epoch_then_continued_equals_an_uninterrupted_run(tmp_path):
+    """--stage tokenizer --max-steps 3 leaves an unfinished tokenizer file (optimizer and position inside it); the
+    next run continues it from step 3 and ends with bitwise the tokenizer and step losses of one uninterrupted run."""
+    args = [*BEIT_TINY, "--stage", "tokenizer", "--tokenizer-epochs", "2"]  # 4 steps an epoch, 8 in all
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script("beit.py", *args, "--out", full, env=ONE_THREAD)
+    proc = run_script("beit.py", *args, "--max-steps", "3", "--out", part, env=ONE_THREAD)
+    assert "stage 1 stopped after 3 steps" in proc.stdout and "stage 1 done" not in proc.stdout
+    saved = torch.load(part / "tokenizer.pth", weights_only=True)
+    assert not saved["complete"] and (saved["epoch"], saved["step"]) == (0, 3) and "optimizer" in saved
+    proc = run_script("beit.py", *args, "--out", part, env=ONE_THREAD)
+    assert "unfinished stage 1 (epoch 0, step 3): continuing it" in proc.stdout and "stage 1 done" in proc.stdout
+    losses = {s["step"]: s["loss"] for s in read_log(full, "tokenizer_step")}
+    assert sorted(losses) == list(range(8))
+    assert {s["step"]: s["loss"] for s in read_log(part, "tokenizer_step")} == losses
+    a, b = (torch.load(d / "tokenizer.pth", weights_only=True) for d in (full, part))
+    assert a["complete"] and b["complete"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_bench_row_counts_the_tokenizer(one_thread):
