@@ -66,8 +66,8 @@ from PIL import ImageFilter
 from torchvision import transforms as T
 
 from common import UserError
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, crop_resize_flip, preview_images,
-                         sample_resized_crops)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip, grayscale,
+                         preview_images, sample_resized_crops)
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
 from common.vit import VisionTransformer, count_params, vit_kwargs
@@ -219,48 +219,6 @@ class DataAugmentationSiT:
         return self.view1(img), self.view2(img)
 
 
-# Batched versions of torchvision's tensor colour ops (torchvision.transforms.functional), with one factor per image.
-# x: [B, 3, H, W] in [0, 1]; factor: [B, 1, 1, 1].
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (PIL's "L" uses 0.299, 0.587, 0.114)
-
-
-def grayscale(x):
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)  # [B, 1, H, W]
-
-
-def blend(x, y, factor):
-    return (factor * x + (1 - factor) * y).clamp(0, 1)
-
-
-def adjust_brightness(x, factor):
-    return blend(x, torch.zeros_like(x), factor)
-
-
-def adjust_contrast(x, factor):
-    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)  # towards the mean grey of each image
-
-
-def adjust_saturation(x, factor):
-    return blend(x, grayscale(x), factor)
-
-
-def adjust_hue(x, shift):
-    """Rotate the hue by `shift` (a fraction of the circle) in HSV, as torchvision's tensor adjust_hue."""
-    value, argmax = x.max(dim=1)  # [B, H, W]; ties go to the first channel (r, then g), as torchvision's
-    chroma = value - x.min(dim=1).values
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    r, g, b = x.unbind(dim=1)
-    hue = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)  # [B, H, W] in [0, 1)
-    sat = chroma / torch.where(value > 0, value, torch.ones_like(value))
-    # HSV -> RGB: channel n in (R, G, B) = (5, 3, 1): v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6 * hue.unsqueeze(1), 6)  # [B, 3, H, W]
-    return value.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
 def gaussian_blur(x, sigma, kernel_size):
     """Per-image Gaussian blur as torchvision's tensor gaussian_blur (separable kernel of `kernel_size` taps, reflect
     padding), with sigma [B] per image. [B, C, H, W] -> [B, C, H, W]."""
@@ -304,7 +262,7 @@ class BatchedViews:
         top, left, h, w = sample_resized_crops(B, H, W, CROP_SCALE, (3 / 4, 4 / 3), generator, dev)
         flip = uniform(0, 1) < 0.5
         x = crop_resize_flip(x, top, left, h, w, flip, self.img_size, "bicubic").clamp(0, 1)  # PIL clips too
-        x = self.color_jitter(x, generator, p=0.8)
+        x = color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         gray = (uniform(0, 1) < 0.2).view(B, 1, 1, 1)
         x = torch.where(gray, grayscale(x).expand_as(x), x)
         blur = (uniform(0, 1) < blur_p).view(B, 1, 1, 1)
@@ -312,27 +270,6 @@ class BatchedViews:
         solarize = (uniform(0, 1) < solarize_p).view(B, 1, 1, 1)
         x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL: pixels >= 128 become 255 - pixel
         return (x - self.mean.to(dev)) / self.std.to(dev)
-
-    @staticmethod
-    def color_jitter(x, generator, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-        """RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p): per image, with probability p, brightness, contrast,
-        saturation and hue in a random order (torchvision: randperm(4)) with factors U(0.6, 1.4), U(0.6, 1.4),
-        U(0.8, 1.2) and a hue shift U(-0.1, 0.1). Each of the 4 positions evaluates the 4 ops and keeps, per image,
-        the one its order puts there (16 cheap elementwise passes instead of a Python loop over images)."""
-        B, dev = x.shape[0], x.device
-        u = torch.rand(B, 5, device=dev, generator=generator)  # [B, 5]: apply?, then one draw per op
-        apply = u[:, 0] < p
-        spread = torch.tensor([brightness, contrast, saturation, hue], device=dev)
-        factors = 2 * u[:, 1:] - 1  # [B, 4] in [-1, 1)
-        factors = factors * spread + torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)  # hue is a shift around 0
-        order = torch.rand(B, 4, device=dev, generator=generator).argsort(dim=1)  # [B, 4]: a random permutation
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        for position in range(4):
-            for k, op in enumerate(ops):
-                chosen = (apply & (order[:, position] == k)).view(B, 1, 1, 1)
-                factor = factors[:, k] if op is adjust_hue else factors[:, k].view(B, 1, 1, 1)
-                x = torch.where(chosen, op(x, factor), x)
-        return x
 
 
 # ---------------------------------------------------------------------------------------------------------------- #

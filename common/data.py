@@ -553,6 +553,72 @@ def sample_resized_crops(n, height, width, scale, ratio, generator, device):
     return top, left, h, w
 
 
+# Batched versions of torchvision's tensor colour ops (torchvision.transforms.functional), with one factor per image.
+# x: [B, 3, H, W] in [0, 1]; factor: [B, 1, 1, 1].
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (PIL's "L" uses 0.299, 0.587, 0.114)
+
+
+def grayscale(x):
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)  # [B, 1, H, W]
+
+
+def blend(x, y, factor):
+    return (factor * x + (1 - factor) * y).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x, factor):
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)  # towards the mean grey of each image
+
+
+def adjust_saturation(x, factor):
+    return blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by `shift` (a fraction of the circle) in HSV, as torchvision's tensor adjust_hue."""
+    value, argmax = x.max(dim=1)  # [B, H, W]; ties go to the first channel (r, then g), as torchvision's
+    chroma = value - x.min(dim=1).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    r, g, b = x.unbind(dim=1)
+    hue = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
+    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)  # [B, H, W] in [0, 1)
+    sat = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    # HSV -> RGB: channel n in (R, G, B) = (5, 3, 1): v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6 * hue.unsqueeze(1), 6)  # [B, 3, H, W]
+    return value.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, generator, p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
+    """RandomApply(ColorJitter(brightness, contrast, saturation, hue), p) for a batch: per image, with probability
+    p, the ops in a random order (torchvision: randperm(4)) with factors U(1 -/+ brightness), U(1 -/+ contrast),
+    U(1 -/+ saturation) and a hue shift U(-hue, hue); an op whose strength is 0 is skipped, as torchvision's. Each
+    of the 4 positions evaluates the ops and keeps, per image, the one its order puts there (elementwise passes
+    instead of a Python loop over images). x: [B, 3, H, W] in [0, 1]."""
+    B, dev = x.shape[0], x.device
+    u = torch.rand(B, 5, device=dev, generator=generator)  # [B, 5]: apply?, then one draw per op
+    apply = u[:, 0] < p
+    strengths = (brightness, contrast, saturation, hue)
+    factors = (2 * u[:, 1:] - 1) * torch.tensor(strengths, device=dev)  # [B, 4] in [-strength, strength)
+    factors = factors + torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)  # hue is a shift around 0
+    order = torch.rand(B, 4, device=dev, generator=generator).argsort(dim=1)  # [B, 4]: a random permutation
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for position in range(4):
+        for k, op in enumerate(ops):
+            if strengths[k] == 0:
+                continue
+            chosen = (apply & (order[:, position] == k)).view(B, 1, 1, 1)
+            factor = factors[:, k] if op is adjust_hue else factors[:, k].view(B, 1, 1, 1)
+            x = torch.where(chosen, op(x, factor), x)
+    return x
+
+
 def crop_resize_flip(images, top, left, crop_h, crop_w, flip, out_size, mode):
     """Batched crop + resize (+ horizontal flip) with one grid_sample, pixel-centre aligned like a PIL resize of
     the crop: output column u samples input x = left + (u + 0.5) * crop_w / out - 0.5 (mirrored when flipped).

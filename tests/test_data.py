@@ -6,6 +6,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
+from common import data
 from common.data import (LoaderData, ResidentData, SyntheticDataset, crop_resize_flip, epoch_order, pretrain_transform,
                          sample_resized_crops)
 
@@ -122,3 +123,37 @@ def test_a_method_can_bring_its_own_views_on_both_paths():
     (full, half), labels = next(data.epoch(0))
     assert full.shape == (8, 3, 16, 16) and half.shape == (8, 3, 8, 8) and labels.shape == (8,)
     assert full.min() >= 0 and full.max() <= 1  # the method's ToTensor, not the default normalisation
+
+
+# ----------------------------------------------------------------------- batched colour ops (SiT, BEiT)
+def test_batched_colour_ops_equal_torchvision_tensor_ops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 12, 12, generator=g)
+    x[0, :, :3, :3] = 0.5  # grey pixels (no hue) and channel ties
+    factors = torch.tensor([0.6, 0.9, 1.2, 1.4])
+    for ours, theirs in ((data.adjust_brightness, TF.adjust_brightness), (data.adjust_contrast, TF.adjust_contrast),
+                         (data.adjust_saturation, TF.adjust_saturation)):
+        got = ours(x, factors.view(4, 1, 1, 1))
+        assert torch.allclose(got, torch.stack([theirs(x[i], factors[i].item()) for i in range(4)]), atol=1e-6)
+    shifts = torch.tensor([-0.1, -0.03, 0.05, 0.1])
+    got = data.adjust_hue(x, shifts)
+    assert torch.allclose(got, torch.stack([TF.adjust_hue(x[i], shifts[i].item()) for i in range(4)]), atol=1e-5)
+
+
+def test_colour_jitter_applies_the_four_ops_in_each_images_random_order():
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = data.color_jitter(x, torch.Generator().manual_seed(7), p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                            hue=0.1)  # SiT's
+    g = torch.Generator().manual_seed(7)  # the same draws, replayed with torchvision's ops image by image
+    u = torch.rand(6, 5, generator=g)
+    order = torch.rand(6, 4, generator=g).argsort(dim=1)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    centre, spread = (1, 1, 1, 0), (0.4, 0.4, 0.2, 0.1)
+    for i in range(6):
+        y = x[i]
+        if u[i, 0] < 0.8:
+            for k in order[i].tolist():
+                y = ops[k](y, centre[k] + spread[k] * (2 * u[i, 1 + k].item() - 1))
+        assert torch.allclose(got[i], y, atol=1e-5), i
+    assert (u[:, 0] >= 0.8).any() and (u[:, 0] < 0.8).any()  # this seed exercises both branches
+    assert len({tuple(o) for o in order.tolist()}) > 1
