@@ -827,9 +827,9 @@ class NormEMAQuantizer(nn.Module):
         if distributed():
             torch_dist.all_reduce(bins)
             torch_dist.all_reduce(sums)
-        unused = (bins == 0).unsqueeze(1)  # [V, 1]
-        mean = l2norm(sums / bins.clamp(min=1).unsqueeze(1))  # [V, d]
-        mean = torch.where(unused, self.codebook, mean)  # unused codes: pulled towards themselves = unchanged
+        mean = l2norm(sums / bins.clamp(min=1).unsqueeze(1))  # [V, d]; an unused code's is 0 (l2norm of 0)
+        # so an unused code becomes l2norm(decay e) = e: unchanged (official: the same, plus a torch.where that
+        # puts e itself in place of its mean -- the same result)
         self.codebook.copy_(l2norm(self.decay * self.codebook + (1 - self.decay) * mean))
 
     def forward(self, z, generator=None):
