@@ -13,11 +13,21 @@ Token grid = patch grid: the tokenizer downsamples by `--dvae-stride` (8, DALL-E
 is (img_size / patch_size) x stride pixels a side: 14 x 8 = 112 px for a 224 / 16 model (the official
 `--second_input_size 112`), 8 x 4 = 32 px for the demo's 32 px / patch 4.
 
+BEiT v2 (Peng, Dong, Bao, Ye, Wei, 2022, arXiv:2208.06366), `--tokenizer vqkd --teacher T`: stage 1 trains VQ-KD,
+a ViT encoder whose patch features are quantized (nearest of 8192 unit-norm 32-d codes by cosine, EMA codebook,
+k-means init, commitment loss) and decoded by a 1-block ViT into the features of a frozen teacher T (an encoder.pth of
+any method file here, or a timm model on disk: the paper's is CLIP ViT-B/16); loss 1 - cos per token. Stage 2 is
+BEiT with those ids as targets, exactly 75 of 196 patches masked, and patch aggregation: 2 extra blocks read the last
+cls token with the patch states of block 9 (of 12) and predict the masked ids too, through the shared norm and head;
+loss = CE(main) + CE(aggregation). The branch is dropped for evaluation and export.
+
 Run:     python beit.py                                    # offline demo: tokenizer + pre-training + evaluation
          python beit.py --stage tokenizer --out runs/tok    # stage 1 only: runs/tok/tokenizer.pth
          python beit.py --tokenizer runs/tok/tokenizer.pth  # reuse a tokenizer (trained there if it does not exist)
          python beit.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 16 beit.py --data imagenet --data-path /data/imagenet   # official: 16 x 128
+         python mae.py --out runs/mae && python beit.py --tokenizer vqkd --teacher runs/mae/encoder.pth   # BEiT v2
+         python beit.py --data imagenet ... --tokenizer vqkd --teacher vit_base_patch16_clip_224.openai     # paper's
 
 Results (2-core AMD EPYC, AVX2, fp32, torch 2.14.1; shared at load ~9 with 1 thread unless said; README.md):
   python beit.py  (synthetic 32 px, 3000 images per split, ViT-micro/4, tokenizer 2 epochs, BEiT 2 epochs; 2 min 28 s
@@ -31,6 +41,12 @@ Results (2-core AMD EPYC, AVX2, fp32, torch 2.14.1; shared at load ~9 with 1 thr
     fp32): the same loss (9.0334949, |difference| 0), logits within 6e-7; the generator gives the official masks bit
     for bit when seeded alike. BEiT-B: 91,965,776 trainable parameters; a step is 49.3 GFLOP/img forward (13.2 of
     them the tokenizer's) and 121.2 GFLOP/img forward + backward (FlopCounterMode, bench.py's count).
+  BEiT v2 against microsoft/unilm beit2/ (768a3c87; VQ-KD-B/1-layer decoder and BEiT v2-B, the official weights copied
+    into ours, the same 4 images and teacher features, fp32): k-means init + one EMA step give codebooks within
+    4.5e-7; on the next batch the same 784 of 784 codes and the same VQ-KD loss (1.0230917 both: cosine 0.9988062,
+    commitment 0.0242854), codebooks within 1.2e-7 after the update, encoder gradients within 8.7e-7 (relative);
+    the v2 loss 18.1312370 both (main 9.0669975 + aggregation 9.0642405), logits within 7.8e-7; 94,655,008 and
+    106,143,056 trainable parameters both.
 Deviations from the official code: the tokenizer is ours (the DiscreteVAE layout of the official repository's
 `modeling_discrete_vae.py`, trained with DALL-E's objective, see DVAE); masks are drawn per image with Python's
 `random` as the official generator, from a generator seeded by (seed, rank, step) instead of the data workers' global
@@ -39,6 +55,14 @@ indexing, so shapes are static and there is no host sync; the mask token lives b
 `encoder.pth` loads into timm with strict=True; the lr is given per 256 images and scaled linearly; the resident
 (small-data) path resizes the tokenizer view with bicubic grid_sample, not lanczos; the fine-tune keeps the shared
 relative position table (official: copies it into every block); demo/small/medium presets are ours (see PRESETS).
+BEiT v2 deviations (each also where it happens): k-means init synchronised across ranks (official: per rank, never
+synchronised); the codebook is a buffer and its statistics use bincount / index_add, no usage EMA; the teacher is any
+encoder of this repository or timm model (official: CLIP or DINO, built in); the missing masked patches of v2's
+generator come from the step's Random (official: NumPy's global generator); stage 1 uses the two-view augmentation
+(colour jitter included) and stage 1's AdamW (0.9, 0.999) with a cosine from --tokenizer-lr without warm-up (official
+VQ-KD: crop + flip only, (0.9, 0.99), 10 warm-up epochs; give --tokenizer-lr / --tokenizer-min-lr for its 2e-4 at
+batch 512 / 1e-5); stage 2 crops with scale (0.08, 1) (official v2: 0.2); the VQ-KD encoder's size is --model's
+unless --vqkd-model (official: ViT-B for every BEiT size).
 """
 import json
 import math
@@ -954,7 +978,7 @@ class VQKD(nn.Module):
     def decode_features(self, z_q):
         """codes [B, N, d] -> reconstructed teacher features [B, N, target_dim]."""
         B, N, d = z_q.shape
-        x = z_q.transpose(1, 2).reshape(B, d, *self.grid)  # [B, N, d] -> [B, d, h, w], row-major
+        x = z_q.transpose(1, 2).reshape(B, d, *self.grid).contiguous()  # [B, N, d] -> [B, d, h, w], row-major
         return self.decode_task_layer(patch_tokens(self.decoder, x))
 
     @torch.no_grad()

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 import beit
 from common import UserError
 from common.data import IMAGENET_MEAN, IMAGENET_STD
+from common.training import parse_config
 from common.vit import count_params
-from conftest import TINY, read_log, run_script
+from conftest import ROOT, TINY, read_log, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -268,16 +269,33 @@ def test_timm_teacher_needs_weights_on_disk(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------- the CLI
-def test_cli_beit_v2_end_to_end_with_a_mae_teacher(tmp_path):
-    """mae.py writes encoder.pth (a few steps); beit.py --tokenizer vqkd --teacher it trains VQ-KD (stage 1: codebook
-    usage and perplexity logged) and pre-trains BEiT v2 (exact masks, aggregation) from one command."""
+V2_TINY = TINY + ["--vocab-size", "64", "--vqkd-codebook-dim", "8", "--tokenizer-epochs", "1",
+                  "--tokenizer-batch-size", "16", "--tokenizer", "vqkd"]
+
+
+@pytest.fixture(scope="module")
+def mae_teacher(tmp_path_factory):
+    """A teacher as the issue asks: the encoder.pth of a short mae.py run (2 steps)."""
+    out = tmp_path_factory.mktemp("mae") / "run"
     run_script("mae.py", *TINY, "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-               "--max-steps", "2", "--out", tmp_path / "mae", env=ONE_THREAD)
-    teacher = tmp_path / "mae" / "encoder.pth"
+               "--max-steps", "2", "--out", out, env=ONE_THREAD)
+    return out / "encoder.pth"
+
+
+def test_cli_beit_v2_end_to_end_with_a_mae_teacher_on_two_processes(mae_teacher, tmp_path):
+    """mae.py wrote encoder.pth (a few steps); `beit.py --tokenizer vqkd --teacher it` under torchrun (2 gloo
+    processes) trains VQ-KD -- the quantizer's k-means init (all-gathered) and EMA statistics (all-reduced) inside
+    DDP's forward; codebook usage and perplexity logged -- and pre-trains BEiT v2 (exact masks, aggregation) from
+    one command; the replicas end identical."""
+    import os
+    import subprocess
+    import sys
     out = tmp_path / "v2"
-    proc = run_script("beit.py", *TINY, "--vocab-size", "64", "--vqkd-codebook-dim", "8", "--tokenizer-epochs", "1",
-                      "--tokenizer-batch-size", "16", "--tokenizer", "vqkd", "--teacher", teacher, "--out", out,
-                      env=ONE_THREAD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(30500 + (hash(str(out)) % 1000)), str(ROOT / "beit.py"), *V2_TINY, "--teacher",
+                           str(mae_teacher), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stage 1: vqkd tokenizer" in proc.stdout and "BEiT v2 vit_nano/4" in proc.stdout
     assert "exactly 6 of 16 patches masked" in proc.stdout
     for name in ("tokenizer.pth", "tokenizer_e0.png", "checkpoint.pth", "encoder.pth", "recon_e1.png",
@@ -288,18 +306,24 @@ def test_cli_beit_v2_end_to_end_with_a_mae_teacher(tmp_path):
     assert 1 <= tok_epoch["perplexity"] <= 64 and 0 < tok_epoch["codes_used"] <= 1
     assert 0 < tok_epoch["rec"] < 2 and tok_epoch["commit"] >= 0
     saved = torch.load(out / "tokenizer.pth", weights_only=True)
-    assert saved["kind"] == "vqkd" and saved["complete"] and saved["config"]["teacher"] == str(teacher)
+    assert saved["kind"] == "vqkd" and saved["complete"] and saved["config"]["teacher"] == str(mae_teacher)
     assert saved["config"]["target_dim"] == 64 and not any(k.startswith("teacher") for k in saved["model"])
     assert saved["model"]["quantize.initted"]
     steps = read_log(out, "step")
+    assert [s["step"] for s in steps] == list(range(4))  # 64 images / (16 x 2 ranks) x 2 epochs
     assert steps[0]["loss"] == pytest.approx(2 * math.log(64), rel=0.1)  # two cross-entropies near ln V at init
+    (done,) = read_log(out, "done")
+    assert done["world_size"] == 2 and done["replicas_identical"] is True
     state = torch.load(out / "encoder.pth", weights_only=True)
     assert not any("cls_pt" in k or "tokenizer" in k for k in state) and "mask_token" not in state
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tokenizer"] == f"vqkd:{out}/tokenizer.pth" and cfg["teacher"] == str(teacher)
+    assert cfg["tokenizer"] == f"vqkd:{out}/tokenizer.pth" and cfg["teacher"] == str(mae_teacher)
     results = json.loads((out / "results.json").read_text())
-    assert results["global_step"] == 8 and results["tokenizer"]["codes_used"] == tok_epoch["codes_used"]
-    # a bad teacher is one line
-    bad = run_script("beit.py", *TINY, "--tokenizer", "vqkd", "--teacher", tmp_path / "none.pth", "--out",
-                     tmp_path / "bad", check=False)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    assert results["global_step"] == 4 and results["tokenizer"]["codes_used"] == tok_epoch["codes_used"]
+
+
+def test_bad_v2_flags_are_one_line_errors(tmp_path):
+    for bad in (["--teacher", str(tmp_path / "none.pth")], ["--vqkd-model", "vit_x"], ["--vqkd-decay", "1"],
+                ["--early-layers", "13"], ["--head-layers", "0"]):
+        with pytest.raises(UserError):
+            parse_config(beit.Config, beit.PRESETS, ["--data", "imagenet", "--tokenizer", "vqkd", *bad])
