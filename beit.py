@@ -1461,8 +1461,9 @@ def main():
                 run.log(f"epoch {epoch}: masked-token accuracy {mlm_acc:.2%}")
             if run.is_main:
                 save_reconstruction(model, fixed, fixed_tok, cfg, run.out / f"recon_e{epoch}.png",
-                                    f"BEiT {cfg.model} epoch {epoch}, <= {masks.num_masking_patches}/"
-                                    f"{masks.num_patches} patches masked in blocks", run.autocast())
+                                    f"BEiT{' v2' if v2 else ''} {cfg.model} epoch {epoch}, {'' if v2 else '<= '}"
+                                    f"{masks.num_masking_patches}/{masks.num_patches} patches masked in blocks",
+                                    run.autocast())
             if run.done:
                 break
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
