@@ -1354,6 +1354,7 @@ def build_beit2(cfg, tokenizer=None):
     if tokenizer is None:
         with seeded_rng(mix_seed(cfg.seed, 1_000_003)):
             tokenizer = new_vqkd(cfg, with_teacher=False)
+    tokenizer.teacher = None  # stage 2 needs only the ids: free the teacher stage 1 may have left (GPU memory)
     return BEiTv2(tokenizer, cfg.img_size, cfg.patch_size, cfg.model, tokenizer.vocab_size, cfg.drop_path,
                   layer_scale(cfg), cfg.early_layers or None, cfg.head_layers)
 
