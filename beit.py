@@ -1263,7 +1263,7 @@ def training_loss(model, batch, cfg, generator):
 
 def bench_batch(imgs, cfg):
     """bench.py's hook: random images -> (model view, tokenizer view in [0, 1] at the configured stride)."""
-    size = tokenizer_view_size(cfg, cfg.dvae_stride)
+    size = tokenizer_view_size(cfg, cfg.patch_size if is_v2(cfg) else cfg.dvae_stride)  # VQ-KD: the model's view
     return imgs, torch.rand(imgs.shape[0], 3, size, size, device=imgs.device)
 
 
