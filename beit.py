@@ -389,6 +389,7 @@ class DVAE(nn.Module):
     official DiscreteVAE: MSE or smooth-L1 reconstruction, fixed temperature 0.9, KL weight 0, 3 output channels.
     """
     kind = "dvae"
+    error_name = "MSE"  # what recon_error measures: squared error of the decoded tokens in [0, 1] pixels
     interpolation = "lanczos"  # of the tokenizer view (official --second_interpolation)
 
     def __init__(self, vocab_size=8192, stride=8, hidden=256, codebook_dim=512):
@@ -721,16 +722,17 @@ def train_tokenizer(cfg, run, kind, path, tokenizer=None, saved=None):
             recon = tokenizer.recon_error(views).item()
         loss, *means = (sums / max(steps, 1)).tolist()
         stats = dict(epoch=epoch, loss=round(loss, 5), **{k: round(v, 5) for k, v in zip(names, means)},
-                     recon_mse=round(recon, 6), perplexity=round(perplexity, 2), codes_used=round(used, 4),
+                     recon_error=round(recon, 6), perplexity=round(perplexity, 2), codes_used=round(used, 4),
                      seconds=round(time.perf_counter() - t0, 1))
         run.write_log(kind="tokenizer_epoch", **stats)
         terms_text = ", ".join(f"{k} {v:.4f}" for k, v in zip(names, means))
-        run.log(f"tokenizer epoch {epoch}: loss {loss:.4f} ({terms_text}), reconstruction error {recon:.5f}, "
+        run.log(f"tokenizer epoch {epoch}: loss {loss:.4f} ({terms_text}), {tokenizer.error_name} {recon:.5f}, "
                 f"perplexity {perplexity:.1f}, {used:.1%} of {tokenizer.vocab_size} codes used, {stats['seconds']}s")
         if run.is_main:
-            save_tokenizer_grid(tokenizer, views[:8], run.out / f"tokenizer_e{epoch}.png",
-                                f"{kind} tokenizer epoch {epoch}: MSE {recon:.4f}, perplexity {perplexity:.0f}, "
-                                f"{used:.0%} of {tokenizer.vocab_size} codes used", run.autocast())
+            summary = (f"{kind} tokenizer epoch {epoch}: {tokenizer.error_name} {recon:.4f}, perplexity "
+                       f"{perplexity:.0f}, {used:.0%} of {tokenizer.vocab_size} codes used")
+            save_tokenizer_grid(tokenizer, views[:8], run.out / f"tokenizer_e{epoch}.png", summary, run.autocast())
+            save_codebook_usage(counts, run.out / f"codebook_e{epoch}.png", summary)
         save(epoch + 1, 0, epoch + 1 == cfg.tokenizer_epochs, stats)
     run.write_log(kind="tokenizer_done", global_step=run.global_step, world_size=run.dist.world_size,
                   replicas_identical=run.replicas_identical(tokenizer))
@@ -757,6 +759,23 @@ def save_tokenizer_grid(tokenizer, views, path, title, amp):
     rows = [views, decoded.float(), token_colours(ids, tokenizer.vocab_size, grid, views.shape[-2:])]
     save_image_grid(rows, path, f"{title}\ntokens = argmax of the encoder logits, decoded through the codebook",
                     labels=["image", "decoded tokens", "token ids"])
+
+
+def codebook_usage_bars(counts, height=120):
+    """counts [V] -> [height, V] in {0, 1}: one bar per code, codes sorted from most to least used, bar height
+    proportional to log(1 + count), at least one pixel for a code used once, none for an unused one."""
+    counts = counts.double().sort(descending=True).values.cpu()  # [V]
+    heights = (torch.log1p(counts) / torch.log1p(counts[0]).clamp(min=1e-12) * height).ceil()  # [V]
+    rows = torch.arange(height, 0, -1).view(height, 1)  # [height, 1]: the bar top each pixel row needs
+    return (heights.view(1, -1) >= rows).float()  # [height, V], 1 where a bar covers the pixel
+
+
+def save_codebook_usage(counts, path, title):
+    """The epoch's codebook usage as a picture (codebook_usage_bars): collapse shows as a few tall bars and a long
+    empty tail."""
+    bars = codebook_usage_bars(counts)
+    img = (1 - bars * torch.tensor([0.8, 0.6, 0.2]).view(3, 1, 1)).unsqueeze(0)  # [1, 3, height, V], dark bars
+    save_image_grid([img], path, f"{title}\ncodes sorted by use, bar height ~ log(1 + count)", scale=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -926,6 +945,7 @@ class VQKD(nn.Module):
     official: `pre_process` multiplies by 255 only when the batch's max is <= 1 (a host sync); we: views are always
     in [0, 1]. official teacher input: the [-1, 1] view mapped back to [0, 1] and clamped; we: the [0, 1] view."""
     kind = "vqkd"
+    error_name = "1 - cos"  # what recon_error measures: of the decoder's output and the teacher's features
     interpolation = "bicubic"  # of its view (official --second_interpolation bicubic, --second_input_size 224)
 
     def __init__(self, vocab_size=8192, stride=16, img_size=224, model="vit_base", codebook_dim=32, decoder_depth=1,

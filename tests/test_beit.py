@@ -166,6 +166,16 @@ def test_tokenizer_uses_many_codes_after_a_short_fit(one_thread):
 
 
 # ----------------------------------------------------------------------------------------------- model and loss
+def test_codebook_usage_picture_has_one_bar_per_used_code():
+    counts = torch.zeros(64)
+    counts[[3, 10, 40, 41, 63]] = torch.tensor([1.0, 5.0, 500.0, 50.0, 2.0])
+    bars = beit.codebook_usage_bars(counts, height=20)  # [20, 64]
+    assert bars.shape == (20, 64) and (bars.sum(0) > 0).sum() == 5  # five used codes, five bars, first to last
+    heights = bars.sum(0)[:5].tolist()
+    assert heights == sorted(heights, reverse=True) and heights[0] == 20 and heights[-1] >= 1
+    assert bars[:, 5:].sum() == 0
+
+
 def test_loss_is_cross_entropy_on_masked_positions_only():
     m = tiny_beit().eval()
     imgs, view = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
@@ -289,12 +299,13 @@ def first_run(tmp_path_factory):
 def test_cli_walks_tokenizer_pretraining_monitors_files(first_run):
     out, proc = first_run
     assert "stage 1: dvae tokenizer" in proc.stdout
-    for name in ("config.json", "log.jsonl", "tokenizer.pth", "tokenizer_e0.png", "checkpoint.pth", "encoder.pth",
+    for name in ("config.json", "log.jsonl", "tokenizer.pth", "tokenizer_e0.png", "codebook_e0.png", "checkpoint.pth",
+                 "encoder.pth",
                  "recon_e0.png", "recon_e1.png", "results.json"):
         assert (out / name).is_file(), name
     (tok_epoch,) = read_log(out, "tokenizer_epoch")
-    assert {"recon_mse", "perplexity", "codes_used", "nll", "kl"} <= set(tok_epoch)
-    assert 1 <= tok_epoch["perplexity"] <= 64 and 0 < tok_epoch["codes_used"] <= 1 and tok_epoch["recon_mse"] > 0
+    assert {"recon_error", "perplexity", "codes_used", "nll", "kl"} <= set(tok_epoch)
+    assert 1 <= tok_epoch["perplexity"] <= 64 and 0 < tok_epoch["codes_used"] <= 1 and tok_epoch["recon_error"] > 0
     saved = torch.load(out / "tokenizer.pth", weights_only=True)
     assert saved["kind"] == "dvae" and saved["complete"] and "optimizer" not in saved
     assert saved["config"] == dict(vocab_size=64, stride=4, hidden=16, codebook_dim=16)
