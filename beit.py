@@ -1275,6 +1275,17 @@ def training_loss(model, batch, cfg, generator):
     return pretraining_step(model, batch, cfg, generator)[0]
 
 
+def bench_variants(cfg):
+    """bench.py's hook: one row for BEiT (the dVAE tokenizer), one for BEiT v2 (VQ-KD; the teacher is not in the
+    stage-2 step, so none is needed)."""
+    return [cfg, replace(cfg, tokenizer="vqkd")]
+
+
+def bench_label(cfg):
+    """bench.py's row name: which BEiT, the encoder and the input size."""
+    return f"{'BEiT v2' if is_v2(cfg) else 'BEiT'} {cfg.model}/{cfg.patch_size} {cfg.img_size}px"
+
+
 def bench_batch(imgs, cfg):
     """bench.py's hook: random images -> (model view, tokenizer view in [0, 1] at the configured stride)."""
     size = tokenizer_view_size(cfg, cfg.patch_size if is_v2(cfg) else cfg.dvae_stride)  # VQ-KD: the model's view

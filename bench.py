@@ -8,7 +8,8 @@ turns them into those with its own `bench_batch(imgs, cfg)`; data loading is mea
 with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
 recipe with --model / --img-size / --patch-size / --batch-size replaced (a method whose paper sizes are not ViTs
 maps the ViT name to its nearest one with `bench_model(name)`, and names its row with `bench_label(cfg)`: iGPT's
-vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels). Columns:
+vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels; a file that holds more than one
+method gives their configs with `bench_variants(cfg)`, one row each: beit.py's BEiT and BEiT v2). Columns:
   params      trainable parameters.
   tokens/s    img/s x the sequence positions of one image (patches; iGPT: pixels of its n_px x n_px grid).
   GFLOP/img   matmul and convolution FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode:
@@ -240,6 +241,11 @@ def matmul_peak(device, dtype, reps=10):
 
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                 training steps                                                     #
+def method_variants(module, cfg):
+    """The rows of one method file: its config, or the configs of the methods it holds (`bench_variants`)."""
+    return module.bench_variants(cfg) if hasattr(module, "bench_variants") else [cfg]
+
+
 # ---------------------------------------------------------------------------------------------------------------- #
 def bench_method(module, cfg, args, device):
     """One table row: build the method's model, count its FLOPs, then time the three ways of running it."""
@@ -420,10 +426,11 @@ def bench_training(args, device):
     modules = [importlib.import_module(m) for m in select_methods(args.methods)]
     if not modules:
         raise UserError(f"no method file found in {ROOT}")
-    configs = [method_config(module, args) for module in modules]  # every size error before any timing
+    configs = [(module, variant) for module in modules  # every size error before any timing
+               for variant in method_variants(module, method_config(module, args))]
     dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if args.bf16 else {})}
     peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items()}
-    rows = [bench_method(m, cfg, args, device) for m, cfg in zip(modules, configs)]
+    rows = [bench_method(m, cfg, args, device) for m, cfg in configs]
     peaks = {name: max(peaks[name], matmul_peak(device, dtype)) for name, dtype in dtypes.items()}  # before and after
     for row in rows:  # MFU against the peak of the same dtype
         for precision, dtype, _ in PRECISIONS:
