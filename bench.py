@@ -97,10 +97,15 @@ def parse_args(argv=None):
                    help="time the bf16 columns (default: where bf16 is fast: CUDA, CPUs with AMX or AVX512-BF16)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--json", default="", help="output file (default: bench.json, or bench_loader.json with --loader)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps of each method (eager, bf16 where it runs, else fp32) and print the top "
+                        "ops by their share of the step")
     p.add_argument("--loader", action="store_true", help="measure data loading instead of training steps")
     p.add_argument("--loader-images", type=int, default=256, help="--loader: JPEGs in the temporary folder")
     p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
     args = p.parse_args(argv)
+    if args.profile < 0:
+        raise UserError(f"--profile must not be negative, got {args.profile}")
     for name in ("img_size", "steps", "loader_images", "small_images"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -293,6 +298,9 @@ def bench_method(module, cfg, args, device):
         row[precision] = {"img_s": cfg.batch_size / seconds, "step_ms": seconds * 1e3,
                           "train_flop_s": train / seconds,
                           "peak_mem_gib": peak_memory_gib(device)}
+        if args.profile and not compiled and (dtype is not None) == args.bf16:
+            row["profile"] = {"precision": precision, "steps": args.profile,
+                              "ops": profile_ops(step, WARMUP_STEPS + args.steps, args.profile, device)}
         if compiled:
             row[precision]["compile_s"] = warmup_s - WARMUP_STEPS * seconds
             torch._dynamo.reset()  # drop the compiled graphs before the next method
@@ -302,6 +310,32 @@ def bench_method(module, cfg, args, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def profile_ops(step, first, n, device, top=15):
+    """torch.profiler over n steps: the `top` ops by self time (device time on CUDA, CPU time otherwise), each as
+    (name, calls per step, ms per step, share of the step's summed self time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps(step, first, n, device)
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"op": e.key, "calls": e.count / n, "ms": getattr(e, key) / n / 1e3, "share": getattr(e, key) / total}
+            for e in events[:top]]
+
+
+def profile_table(row):
+    """A method's profile as a table: the top ops and their share of the step."""
+    prof = row["profile"]
+    lines = [f"{row['method']} {row['model']}, {prof['precision']}, {prof['steps']} profiled steps:",
+             "| op | calls / step | ms / step | share of the step |", "|---|---|---|---|"]
+    lines += [f"| `{o['op']}` | {o['calls']:.0f} | {o['ms']:.1f} | {o['share']:.1%} |" for o in prof["ops"]]
+    return "\n".join(lines)
 
 
 def bench_batch(module, cfg, device):
@@ -461,6 +495,7 @@ def main():
         header += [f"matmul peak (fastest of 10 square matmuls, before and after the methods): "
                    f"fp32 {peaks['fp32']:.2f} TFLOP/s, bf16 {bf16}", f"peak mem: {result['peak_mem']}"]
         table = training_table(result["rows"])
+        table += "".join("\n\n" + profile_table(row) for row in result["rows"] if "profile" in row)
     result["seconds"] = seconds = time.perf_counter() - t0
     path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -65,7 +65,7 @@ def test_conv_flop_count_equals_hand_formula_for_grouped_and_strided_convs():
 def test_bench_training_table(tmp_path):
     out = tmp_path / "bench.json"
     flags = ["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2", "--steps", "2",
-             "--methods", "mae", "--no-compile", "--device", "cpu", "--json", str(out)]
+             "--methods", "mae", "--no-compile", "--device", "cpu", "--json", str(out), "--profile", "1"]
     proc = run_script("bench.py", *flags, env=ONE_THREAD)
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["command"].startswith("python ")
@@ -76,6 +76,8 @@ def test_bench_training_table(tmp_path):
     assert 0 < result["peak_tflops"]["fp32"] < 1e4
     assert (0 < result["peak_tflops"]["bf16"] < 1e4) if fast_bf16 else result["peak_tflops"]["bf16"] is None
     (row,) = result["rows"]
+    assert row["profile"]["precision"] == ("bf16" if cpu_has_fast_bf16() else "fp32")  # the eager column profiled
+    assert row["profile"]["ops"][0]["op"] in proc.stdout and "1 profiled steps:" in proc.stdout
     cfg = bench.method_config(mae, bench.parse_args(flags))
     model = mae.build_model(cfg)
     assert row["params"] == count_params(model) and row["tokens_per_img"] == 16
@@ -117,3 +119,21 @@ def test_bench_loader(tmp_path):
         ("resident on cpu", 0)]
     assert [r["images"] for r in rows] == [16] * 3 + [64] * 4  # one full epoch of each
     assert all(r["img_s"] > 0 and r["first_batch_s"] > 0 for r in rows)
+
+
+def test_profile_lists_the_top_ops_of_a_step_by_their_share():
+    """--profile's table: the ops of the profiled steps by self time, per step, shares of the step's total. A step of
+    3 matmuls and one softmax: mm leads, with 3 calls per step."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def step(i):
+        x = a @ b @ b @ b
+        torch.softmax(x, dim=-1)
+
+    ops = bench.profile_ops(step, 0, 2, torch.device("cpu"), top=50)
+    shares = [o["share"] for o in ops]
+    assert shares == sorted(shares, reverse=True) and 0.99 < sum(shares) <= 1.0 + 1e-9
+    assert ops[0]["op"] == "aten::mm" and ops[0]["calls"] == 3
+    assert {o["op"] for o in ops} >= {"aten::mm", "aten::_softmax"} and all(o["ms"] > 0 for o in ops)
+    table = bench.profile_table({"method": "m", "model": "x", "profile": {"precision": "fp32", "steps": 2, "ops": ops}})
+    assert "| `aten::mm` | 3 |" in table and table.count("\n") == len(ops) + 2
