@@ -94,9 +94,11 @@ FINETUNE = {
     "medium": dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, drop_path=0.1, crop_scale=(0.2, 1.0),
                    rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
     # 28-64 px images and short budgets: our choice, measured on Fashion-MNIST (README). A crop of 8 % of a 32-px image
-    # is a few pixels, and RandAugment, erasing, mixup and cutmix made 5-epoch fine-tunes worse than a linear probe.
-    "small": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.1, crop_scale=(0.5, 1.0),
-                  rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
+    # is a few pixels, and RandAugment, erasing, mixup and cutmix made 5-epoch fine-tunes worse than a linear probe;
+    # batch 64 (lr 1e-3, as at batch 256 before) gives 4x the steps of an epoch: 5 epochs on 10,000 images reached
+    # 75.8 % instead of 70.0 %.
+    "small": dict(epochs=50, warmup_epochs=5, batch_size=64, blr=4e-3, layer_decay=0.75, drop_path=0.1,
+                  crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
 }
 
 

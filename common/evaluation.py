@@ -220,6 +220,7 @@ class FinetuneRecipe:
     warmup_epochs: float = 5  # linear warm-up, in epochs of `epochs`
     blr: float = 5e-4  # lr = blr x global batch / lr_batch_div
     lr_batch_div: int = 256
+    batch_size: typing.Optional[int] = None  # images per process per fine-tune step (None: the pre-training batch)
     min_lr: float = 1e-6  # floor of the cosine
     warmup_lr: float = 0.0  # first lr of the warm-up
     scale_floor: bool = False  # min_lr and warmup_lr scale with the batch like the lr (SimMIM)
@@ -322,9 +323,10 @@ def finetune_step(model, optimizer, scaler, imgs, targets, clip_grad, autocast):
 
 def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
     """Fine-tune a copy of the encoder on the labelled train split with `recipe` and return val top-1 (%) after the
-    last epoch (no best-epoch selection on val). Uses the pre-training batch size, precision and processes. Its
-    random draws come from (seed, rank) in a fork of the global generators: the pre-trained and the random-init
-    fine-tunes see the same data order, augmentation and head init, and the caller's random stream is untouched."""
+    last epoch (no best-epoch selection on val). Uses the recipe's batch size (else the pre-training one), the
+    run's precision and processes. Its random draws come from (seed, rank) in a fork of the global generators: the
+    pre-trained and the random-init fine-tunes see the same data order, augmentation and head init, and the
+    caller's random stream is untouched."""
     cfg = run.cfg
     transform = finetune_transform(cfg.img_size, recipe.crop_scale, recipe.rand_augment, recipe.erasing)
     train_loader = build_eval_loader(cfg, "train", run.dist, transform=transform)
@@ -339,7 +341,12 @@ def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
         encoder.set_drop_path(recipe.drop_path)
         num_classes = train_loader.dataset.num_classes
         model = Classifier(encoder, num_classes, pool).to(run.device)
-        batch = cfg.batch_size * world
+        per_rank = recipe.batch_size or cfg.batch_size
+        if recipe.batch_size and recipe.batch_size * world > len(train_loader.dataset):  # (a handful of images)
+            per_rank = max(1, min(cfg.batch_size, len(train_loader.dataset) // world))
+            run.log(f"fine-tune: {len(train_loader.dataset)} labelled images, fewer than the recipe's batch "
+                    f"{recipe.batch_size} x {world}: batch {per_rank} per process")
+        batch = per_rank * world
         lr = recipe.blr * batch / recipe.lr_batch_div
         floor = batch / recipe.lr_batch_div if recipe.scale_floor else 1.0
         opt = torch.optim.AdamW(layer_decay_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr,
@@ -348,7 +355,7 @@ def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
         train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         sampler = torch.utils.data.DistributedSampler(train_loader.dataset, world, rank, seed=cfg.seed,
                                                       drop_last=True) if world > 1 else None
-        loader = DataLoader(train_loader.dataset, batch_size=cfg.batch_size, sampler=sampler,
+        loader = DataLoader(train_loader.dataset, batch_size=per_rank, sampler=sampler,
                             shuffle=sampler is None, drop_last=True, num_workers=cfg.workers,
                             persistent_workers=cfg.workers > 0, pin_memory=run.device.type == "cuda",
                             worker_init_fn=ignore_stop_signals,

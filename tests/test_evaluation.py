@@ -208,6 +208,8 @@ def test_cli_finetune_learns_and_reports_the_baseline(tmp_path):
                       "--finetune-baseline")
     tuned = json.loads((out / "results.json").read_text())["finetune"]
     assert tuned["epochs"] == 3 and tuned["recipe"]["crop_scale"] == [0.5, 1.0]  # 16 px: the small-image recipe
+    # its own batch (64, not the pre-training 16): 128 images make 2 steps an epoch, at lr 4e-3 x 64 / 256
+    assert tuned["recipe"]["batch_size"] == 64 and "fine-tune (pretrained): 3 epochs of 2 steps, lr 0.001," in proc.stdout
     for name in ("pretrained", "random_init"):
         assert 0.0 <= tuned[name] <= 100.0
     for name in ("pretrained", "random-init"):
