@@ -96,7 +96,7 @@ from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
                              parse_config, progress, set_grad_sync, set_lr)
 from common.vit import (VIT_SIZES, Block, VisionTransformer, count_params, drop_path_rates, init_beit_style,
-                        trunc_normal_sigma, vit_kwargs)
+                        rescale_residual_branches, trunc_normal_sigma, vit_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -913,10 +913,7 @@ def vqkd_vit(img_size, patch_size, in_chans, model, depth=None):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for layer, block in enumerate(vit.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+    rescale_residual_branches(vit.blocks)
     return vit
 
 
@@ -1339,11 +1336,7 @@ class BEiTv2(BEiT):
         # official: these blocks are built after the model's init ran (`self.apply(self._init_weights)` in the
         # parent's __init__), so they keep PyTorch's default init; only the fix-init rescale is applied, with layer
         # ids early_layers + 1, early_layers + 2 (`fix_init_cls_pt_weight`). We do the same.
-        with torch.no_grad():
-            for i, block in enumerate(self.cls_pt_layers):
-                layer = self.early_layers + i + 1
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        rescale_residual_branches(self.cls_pt_layers, first=self.early_layers + 1)
 
     def forward_branches(self, imgs, mask):
         """imgs [B, 3, H, W] normalised, mask [B, N] bool -> (main, aggregation) normed patch tokens, [B, N, D] each."""

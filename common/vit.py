@@ -319,10 +319,15 @@ def init_beit_style(encoder, std=0.02):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for layer, block in enumerate(encoder.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+    rescale_residual_branches(encoder.blocks)
+
+
+@torch.no_grad()
+def rescale_residual_branches(blocks, first=1):
+    """BEiT's `fix_init_weight`: attn.proj and mlp.fc2 of block l = first, first + 1, ... divided by sqrt(2 l)."""
+    for layer, block in enumerate(blocks, start=first):
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 def drop_path_rates(rate, depth):

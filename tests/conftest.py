@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,3 +32,12 @@ def read_log(out, kind):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models of the tests are overhead-bound: one thread avoids oversubscribing a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

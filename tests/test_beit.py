@@ -24,13 +24,6 @@ BEIT_TINY = TINY + ["--vocab-size", "64", "--dvae-stride", "4", "--dvae-hidden",
                     "--tokenizer-epochs", "1", "--tokenizer-batch-size", "16"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_tokenizer(vocab=64):
     torch.manual_seed(0)

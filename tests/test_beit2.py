@@ -21,13 +21,6 @@ from conftest import ROOT, TINY, read_log, run_script
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def quantizer(codebook, decay=0.99):
     q = beit.NormEMAQuantizer(*codebook.shape, decay=decay)

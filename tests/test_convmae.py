@@ -13,13 +13,8 @@ from conftest import read_log, run_script
 from convmae import PRESETS, Config, ConvMAE, ConvViT, official_names, random_masking, upsample_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and 10x faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run as fast on one thread, and 10x faster than on two when the cores are shared (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the CLI subprocesses

@@ -5,22 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import read_log, run_script
 from common import UserError
 from common.training import parse_config
 from common.vit import count_params
 from simmim import PRESETS, Config, MaskGenerator, SimMIM, simmim_lr
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny models here are overhead-bound: one thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_simmim(img_size=16, **kw):
