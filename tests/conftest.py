@@ -41,3 +41,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_encoder_matches_timm_beit(encoder, img_size=32):
+    """A tiny BEiT-style encoder (patch 4, width 64, 2 blocks, 2 heads, layer scale 0.1) loads into timm's `Beit` with
+    strict=True and gives the same features. Its zero/constant-initialised parameters get values first, so a mix-up
+    would show."""
+    timm = pytest.importorskip("timm")  # installed by requirements.txt: this runs in CI
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if "gamma" in name or "bias" in name:
+                p.normal_(0, 0.5)
+    ref = timm.models.beit.Beit(img_size=img_size, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                                use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                                init_values=0.1, global_pool="token")
+    ref.load_state_dict(encoder.state_dict(), strict=True)
+    imgs = torch.randn(2, 3, img_size, img_size)
+    encoder.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder.forward_features(imgs), ref.forward_features(imgs), atol=1e-5)
+
+
+def assert_loss_ignores_visible_targets(model, imgs, view, mask, slots, ids, loss, changed):
+    """BEiT's loss (v1 and v2) reads the tokenizer's ids at masked positions only: other ids at the visible positions
+    leave it as it is, another id at the masked position `changed` (batch, patch) moves it."""
+    other = ids.clone()
+    other[~mask] = (other[~mask] + 1) % model.tokenizer.vocab_size
+    model.tokenizer.get_codebook_indices = lambda v: other
+    with torch.no_grad():
+        assert model(imgs, view, mask, slots)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+        other[changed] = (other[changed] + 1) % model.tokenizer.vocab_size
+        assert model(imgs, view, mask, slots)[0].item() != pytest.approx(loss.item(), rel=1e-6)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import beit
 from common.training import parse_config
 from common.vit import count_params
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import (ROOT, TINY, assert_encoder_matches_timm_beit, assert_loss_ignores_visible_targets, read_log,
+                      run_script)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # TINY plus a 2x tokenizer (16 px view -> 4 x 4 tokens = the patch grid) small enough for seconds
@@ -183,13 +184,7 @@ def test_loss_is_cross_entropy_on_masked_positions_only():
     assert loss.item() == pytest.approx(F.cross_entropy(logits, ids[mask]).item(), rel=1e-6)
     assert acc.item() == pytest.approx((logits.argmax(-1) == ids[mask]).float().mean().item())
     # other targets at visible positions change nothing; at a masked one, the loss
-    other = ids.clone()
-    other[~mask] = (other[~mask] + 1) % 64
-    m.tokenizer.get_codebook_indices = lambda v: other
-    with torch.no_grad():
-        assert m(imgs, view, mask, 6)[0].item() == pytest.approx(loss.item(), rel=1e-6)
-        other[0, 1] = (other[0, 1] + 1) % 64
-        assert m(imgs, view, mask, 6)[0].item() != pytest.approx(loss.item(), rel=1e-6)
+    assert_loss_ignores_visible_targets(m, imgs, view, mask, 6, ids, loss, changed=(0, 1))
     order, valid = beit.masked_positions(mask, 6)
     assert order[0, :3].tolist() == [1, 2, 5] and valid.sum() == 5 and order[1, :2].tolist() == [0, 15]
 
@@ -254,20 +249,7 @@ def test_two_views_share_one_crop(one_thread):
 
 
 def test_encoder_loads_into_timm_beit_with_same_features():
-    timm = pytest.importorskip("timm")
-    m = tiny_beit(img_size=32)
-    with torch.no_grad():
-        for name, p in m.encoder.named_parameters():
-            if "gamma" in name or "bias" in name:
-                p.normal_(0, 0.5)
-    ref = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
-                                use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-                                init_values=0.1, global_pool="token")
-    ref.load_state_dict(m.encoder.state_dict(), strict=True)
-    imgs = torch.randn(2, 3, 32, 32)
-    m.eval(), ref.eval()
-    with torch.no_grad():
-        assert torch.allclose(m.encoder.forward_features(imgs), ref.forward_features(imgs), atol=1e-5)
+    assert_encoder_matches_timm_beit(tiny_beit(img_size=32).encoder)
 
 
 def test_bad_flags_are_one_line_errors():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import read_log, run_script
+from conftest import assert_encoder_matches_timm_beit, read_log, run_script
 from common import UserError
 from common.training import parse_config
 from common.vit import count_params
@@ -213,20 +213,7 @@ def test_tiny_model_overfits_one_batch(one_thread):
 
 
 def test_encoder_loads_into_timm_beit_with_same_features():
-    timm = pytest.importorskip("timm")  # installed by requirements.txt: this runs in CI
-    m = tiny_simmim(img_size=32)
-    with torch.no_grad():  # give the zero/constant-initialised parameters values, so a mix-up would show
-        for name, p in m.encoder.named_parameters():
-            if "gamma" in name or "bias" in name:
-                p.normal_(0, 0.5)
-    ref = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
-                                use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-                                init_values=0.1, global_pool="token")
-    ref.load_state_dict(m.encoder.state_dict(), strict=True)
-    imgs = torch.randn(2, 3, 32, 32)
-    m.eval(), ref.eval()
-    with torch.no_grad():
-        assert torch.allclose(m.encoder.forward_features(imgs), ref.forward_features(imgs), atol=1e-5)
+    assert_encoder_matches_timm_beit(tiny_simmim(img_size=32).encoder)
 
 
 def test_cli_end_to_end(tmp_path, tiny):
