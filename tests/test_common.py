@@ -15,7 +15,7 @@ from common.data import (SYNTHETIC_CLASSES, ArrayDataset, build_dataset, epoch_o
                          seeded_rng, stratified_indices, to_rgb)
 from common.training import (Dist, Run, TrainConfig, build_parser, cosine_lr, field_help, param_groups, parse_config,
                              resolve_amp, use_fast_cuda_math)
-from common.vit import (Attention, VisionTransformer, explicit_attention, relative_position_index,
+from common.vit import (Attention, PatchEmbed, VisionTransformer, explicit_attention, relative_position_index,
                         sincos_pos_embed_2d)
 
 
@@ -79,6 +79,28 @@ def test_encoder_token_shapes_and_rel_bias():
     with pytest.raises(ValueError):
         VisionTransformer(img_size=30, patch_size=4, embed_dim=32, depth=1, num_heads=4)
 
+
+
+def test_patch_embedding_under_autocast_is_the_convolution_as_a_matmul():
+    """Under autocast the patch embedding runs as one matmul over flattened patches (issue #16): the same tokens
+    and weight gradient as the convolution in bf16, on a non-square grid; fp32 runs the convolution itself."""
+    torch.manual_seed(0)
+    embed = PatchEmbed((8, 12), 4, 3, 16)  # a 2 x 3 grid
+    imgs = torch.randn(2, 3, 8, 12)
+
+    def tokens_and_grad(fn):
+        embed.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = fn(imgs)
+        (tokens.float() * torch.linspace(-1, 1, tokens.numel()).view_as(tokens)).sum().backward()
+        return tokens.float(), embed.proj.weight.grad.clone()
+
+    tokens, grad = tokens_and_grad(embed)  # the matmul
+    conv_tokens, conv_grad = tokens_and_grad(lambda x: embed.proj(x).flatten(2).transpose(1, 2))
+    assert tokens.shape == (2, 6, 16)
+    torch.testing.assert_close(tokens, conv_tokens, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, conv_grad, rtol=2e-2, atol=2e-2)
+    assert torch.equal(embed(imgs), embed.proj(imgs).flatten(2).transpose(1, 2))  # fp32: the convolution, bitwise
 
 # -------------------------------------------------------------------------------------------- schedule and optimizer
 def test_cosine_lr_warmup_then_cosine():
