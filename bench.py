@@ -29,7 +29,10 @@ method gives their configs with `bench_variants(cfg)`, one row each: beit.py's B
               CPU: the process's peak RSS (ru_maxrss after /proc/self/clear_refs; the whole process, so it includes
               the Python/torch runtime and, for the compiled column, what the compiler keeps).
 torch.compile is on by default on CUDA and off on the CPU (--compile / --no-compile), as in training: on 2 CPU
-cores compiling one base model takes minutes.
+cores compiling one base model takes minutes. `--preset demo` times each method at the size its bare
+`python METHOD.py` trains instead, and with --compile adds a table of the steps after which compiling has paid for
+itself next to the steps the demo runs. The compile time depends on the inductor cache: run once with
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) for a cold cache, then again with the same directory for a warm one.
 
 `python bench.py --loader` measures the input pipelines in img/s: an ImageNet-style folder of JPEGs (500 x 375,
 quality 90, written to a temporary folder) through the DataLoader path of common/data.py (decode +
@@ -41,6 +44,7 @@ is timed from its first request to its last batch.
 Run:     python bench.py                    # every method, ViT-B/16 at 224 px, batch 64 on CUDA, 8 on the CPU
          python bench.py --methods mae --model vit_large --batch-size 128 --json bench-large.json
          python bench.py --methods mae,igpt --steps 3
+         python bench.py --preset demo --compile   # each demo's model: does torch.compile pay off within the demo?
          python bench.py --loader           # data-loading throughput
 Results: measured tables are in README.md (with hardware, torch version and command).
 """
@@ -63,8 +67,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from common import UserError
-from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, build_dataset, mix_seed,
-                         pretrain_transform, render_synthetic)
+from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, SyntheticDataset, build_dataset,
+                         mix_seed, pretrain_transform, render_synthetic)
 from common.training import cli, cpu_has_fast_bf16, param_groups, setup_distributed
 from common.vit import VIT_SIZES, count_params
 
@@ -85,11 +89,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="python bench.py [--loader] [flags]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default="", help="comma list, e.g. mae,simmim (default: every method file present)")
-    p.add_argument("--model", default="vit_base", help=f"encoder size: {', '.join(VIT_SIZES)}")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
+    p.add_argument("--preset", choices=("imagenet", "demo"), default="imagenet",
+                   help="imagenet: each method's ImageNet recipe at --model / --img-size / --patch-size; demo: the "
+                        "model, input and batch that a bare `python METHOD.py` trains (its demo preset), with the "
+                        "steps of that run, so that --compile shows whether compiling pays off within it")
+    p.add_argument("--model", default=None, help=f"encoder size: {', '.join(VIT_SIZES)} (default: vit_base)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution in pixels (default: 224)")
     p.add_argument("--patch-size", type=int, default=0, help="0 = the model's default")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="images per step (0: 64 on CUDA, 8 on the CPU; --loader: 32 for JPEGs, 256 for 32 px)")
+                   help="images per step (0: 64 on CUDA, 8 on the CPU, the preset's with --preset demo; --loader: "
+                        "32 for JPEGs, 256 for 32 px)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per column (the median is reported)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile + bf16 (default: on for CUDA, off for the CPU)")
@@ -106,6 +115,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.profile < 0:
         raise UserError(f"--profile must not be negative, got {args.profile}")
+    if args.preset == "demo" and (args.model or args.img_size or args.patch_size):
+        raise UserError("--preset demo benchmarks each demo's own model and input; --model, --img-size and "
+                        "--patch-size set the sizes of --preset imagenet")
+    args.model, args.img_size = args.model or "vit_base", args.img_size or 224
     for name in ("img_size", "steps", "loader_images", "small_images"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -134,7 +147,15 @@ def select_methods(names):
 
 
 def method_config(module, args):
-    """The method's ImageNet recipe with the benchmark's sizes; check() turns a bad size into one clear line."""
+    """The method's ImageNet recipe with the benchmark's sizes, or (--preset demo) its demo preset with only the
+    batch replaced when --batch-size is given; check() turns a bad size into one clear line."""
+    if args.preset == "demo":
+        preset = module.PRESETS["demo"]
+        cfg = module.Config(**{**preset, "batch_size": args.batch_size or preset["batch_size"]})
+        if cfg.model in VIT_SIZES and not cfg.patch_size:  # as parse_config fills it
+            cfg.patch_size = VIT_SIZES[cfg.model][3]
+        cfg.check()
+        return cfg
     model = module.bench_model(args.model) if hasattr(module, "bench_model") else args.model
     overrides = dict(model=model, img_size=args.img_size, batch_size=args.batch_size,
                      patch_size=args.patch_size or VIT_SIZES[args.model][3])
@@ -246,6 +267,13 @@ def matmul_peak(device, dtype, reps=10):
 
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                 training steps                                                     #
+def demo_steps(cfg):
+    """Pre-training steps of the demo run on one process: epochs x full batches of its images (the synthetic
+    set's pre-training split, or the preset's --subset of it), as ResidentData counts them."""
+    images = cfg.subset or len(SyntheticDataset("pretrain", cfg.img_size))
+    return cfg.epochs * (images // cfg.batch_size)
+
+
 def method_variants(module, cfg):
     """The rows of one method file: its config, or the configs of the methods it holds (`bench_variants`)."""
     return module.bench_variants(cfg) if hasattr(module, "bench_variants") else [cfg]
@@ -274,6 +302,8 @@ def bench_method(module, cfg, args, device):
            "params": count_params(model), "tokens_per_img": tokens_per_image(module, cfg),
            "fwd_gflop_per_img": fwd / cfg.batch_size / 1e9,
            "train_gflop_per_img": train / cfg.batch_size / 1e9}
+    if args.preset == "demo":
+        row["run_steps"] = demo_steps(cfg)
     for precision, dtype, compiled in PRECISIONS:
         if (compiled and not args.compile) or (dtype is not None and not args.bf16):
             row[precision] = None
@@ -375,6 +405,20 @@ def training_table(rows):
     return "\n".join(lines)
 
 
+def compile_table(rows):
+    """--preset demo --compile: does compiling pay off within the demo? The steps after which the compile time is
+    won back (compile s / the seconds each compiled step saves) next to the steps the demo runs."""
+    lines = ["| method | model | bf16 step ms | compiled step ms | compile s | pays off after (steps) | demo steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager, compiled = r["bf16"]["step_ms"], r["compiled_bf16"]["step_ms"]
+        saved_s = (eager - compiled) / 1e3
+        after = f"{r['compiled_bf16']['compile_s'] / saved_s:.0f}" if saved_s > 0 else "never (not faster)"
+        lines.append(f"| {r['method']} | {r['model']} | {eager:.1f} | {compiled:.1f} | "
+                     f"{r['compiled_bf16']['compile_s']:.0f} | {after} | {r['run_steps']} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                  data loading                                                      #
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -452,7 +496,8 @@ def loader_table(rows):
 # ---------------------------------------------------------------------------------------------------------------- #
 def bench_training(args, device):
     """The training table's numbers: the matmul peaks, then one row per method."""
-    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    if args.preset == "imagenet":
+        args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     if args.compile is None:
         args.compile = device.type == "cuda"
     if args.bf16 is None:  # emulated bf16 (an AVX2-only CPU) runs matmuls ~50x slower than fp32: nothing to learn
@@ -496,6 +541,9 @@ def main():
                    f"fp32 {peaks['fp32']:.2f} TFLOP/s, bf16 {bf16}", f"peak mem: {result['peak_mem']}"]
         table = training_table(result["rows"])
         table += "".join("\n\n" + profile_table(row) for row in result["rows"] if "profile" in row)
+        timed = [row for row in result["rows"] if "run_steps" in row and row["compiled_bf16"]]
+        if timed:
+            table += "\n\n" + compile_table(timed)
     result["seconds"] = seconds = time.perf_counter() - t0
     path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -137,3 +137,29 @@ def test_profile_lists_the_top_ops_of_a_step_by_their_share():
     assert {o["op"] for o in ops} >= {"aten::mm", "aten::_softmax"} and all(o["ms"] > 0 for o in ops)
     table = bench.profile_table({"method": "m", "model": "x", "profile": {"precision": "fp32", "steps": 2, "ops": ops}})
     assert "| `aten::mm` | 3 |" in table and table.count("\n") == len(ops) + 2
+
+
+def test_demo_preset_benchmarks_the_bare_run_and_counts_its_steps():
+    """--preset demo: each method at the size `python METHOD.py` trains (MAE: ViT-micro/4 at 32 px, batch 128) and
+    the steps of that run, 3 epochs x 78 full batches of the 10,000 synthetic images."""
+    args = bench.parse_args(["--preset", "demo"])
+    cfg = bench.method_config(mae, args)
+    demo = mae.PRESETS["demo"]
+    assert (cfg.model, cfg.img_size, cfg.patch_size, cfg.batch_size) == (
+        demo["model"], demo["img_size"], demo["patch_size"], demo["batch_size"]) == ("vit_micro", 32, 4, 128)
+    assert bench.demo_steps(cfg) == 3 * 78
+    assert bench.method_config(mae, bench.parse_args(["--preset", "demo", "--batch-size", "2"])).batch_size == 2
+    with pytest.raises(UserError, match="--preset demo benchmarks each demo's own model"):
+        bench.parse_args(["--preset", "demo", "--model", "vit_base"])
+
+
+def test_compile_table_says_after_how_many_steps_compiling_pays_off():
+    """60 s of compiling that saves 100 ms per step is won back after 600 steps; a compiled step that is not faster
+    never pays off."""
+    def row(eager_ms, compiled_ms):
+        return {"method": "mae", "model": "m", "run_steps": 234, "bf16": {"step_ms": eager_ms},
+                "compiled_bf16": {"step_ms": compiled_ms, "compile_s": 60.0}}
+
+    table = bench.compile_table([row(500.0, 400.0), row(500.0, 520.0)]).splitlines()
+    assert table[2] == "| mae | m | 500.0 | 400.0 | 60 | 600 | 234 |"
+    assert table[3] == "| mae | m | 500.0 | 520.0 | 60 | never (not faster) | 234 |"
