@@ -69,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from common import UserError
 from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, SyntheticDataset, build_dataset,
                          mix_seed, pretrain_transform, render_synthetic)
-from common.training import cli, cpu_has_fast_bf16, param_groups, setup_distributed
+from common.training import cli, cpu_has_fast_bf16, param_groups, reuse_freed_host_memory, setup_distributed
 from common.vit import VIT_SIZES, count_params
 
 ROOT = Path(__file__).resolve().parent
@@ -527,6 +527,7 @@ def main():
     args = parse_args()
     t0 = time.perf_counter()
     device = setup_distributed(args.device).device
+    reuse_freed_host_memory(device)  # as training does
     command = shlex.join(["python", *sys.argv])
     result = {"hardware": hardware(device), "torch": torch.__version__, "command": command, "device": str(device)}
     header = [f"hardware: {result['hardware']}", f"torch {torch.__version__}", f"command: {command}"]

@@ -4,6 +4,7 @@ compile, checkpoints, logging, and the reliability pieces (exact resume, preempt
 The training loop itself stays in each method's main(); `Run` holds the state that loop needs around it.
 """
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import inspect
@@ -239,6 +240,24 @@ def use_fast_cuda_math(device):
         torch.backends.cudnn.benchmark = True
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's <malloc.h>
+
+
+def reuse_freed_host_memory(device):
+    """On the CPU: glibc's malloc keeps the memory that freed tensors held and hands it to the next ones, instead of
+    returning every block above 128 KiB to the kernel (mmap / munmap) and page-faulting the next one in: a MAE-B
+    bf16 step at batch 8 took 55,000-66,000 minor page faults (215+ MiB of pages zeroed by the kernel, 0.13-0.19 s of
+    system time) and takes ~1 with this, its peak RSS +3 % (README, Performance). What jemalloc or tcmalloc under
+    LD_PRELOAD would do, from inside the process. Returns whether it applied (glibc only; elsewhere a no-op)."""
+    if device.type != "cpu":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): its allocator stays as it is
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def interactive():
     """Progress bars only on a terminal: under SLURM, CI or `> log` every redraw would be a line in the file."""
     return sys.stderr.isatty()
@@ -423,6 +442,7 @@ class Run:
         if cfg.compile is None:
             cfg.compile = self.device.type == "cuda"
         use_fast_cuda_math(self.device)
+        reuse_freed_host_memory(self.device)
         self.preset = preset or {}
         world = self.dist.world_size
         if "accum_iter" in self.preset and world > 1:  # the preset's global batch, whatever the process count
