@@ -246,9 +246,10 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's <malloc.h>
 def reuse_freed_host_memory(device):
     """On the CPU: glibc's malloc keeps the memory that freed tensors held and hands it to the next ones, instead of
     returning every block above 128 KiB to the kernel (mmap / munmap) and page-faulting the next one in: a MAE-B
-    bf16 step at batch 8 took 55,000-66,000 minor page faults (215+ MiB of pages zeroed by the kernel, 0.13-0.19 s of
-    system time) and takes ~1 with this, its peak RSS +3 % (README, Performance). What jemalloc or tcmalloc under
-    LD_PRELOAD would do, from inside the process. Returns whether it applied (glibc only; elsewhere a no-op)."""
+    bf16 step at batch 8 took 46,000-68,000 minor page faults (180-270 MiB of pages zeroed by the kernel, 0.10-0.19 s
+    of system time) and takes 1-4,600 with this, its peak RSS the same (README, Performance). What jemalloc or
+    tcmalloc under LD_PRELOAD would do, from inside the process. Returns whether it applied (glibc only; elsewhere a
+    no-op)."""
     if device.type != "cpu":
         return False
     try:
