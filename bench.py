@@ -93,8 +93,9 @@ def parse_args(argv=None):
                    help="imagenet: each method's ImageNet recipe at --model / --img-size / --patch-size; demo: the "
                         "model, input and batch that a bare `python METHOD.py` trains (its demo preset), with the "
                         "steps of that run, so that --compile shows whether compiling pays off within it")
-    p.add_argument("--model", default=None, help=f"encoder size: {', '.join(VIT_SIZES)} (default: vit_base)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution in pixels (default: 224)")
+    p.add_argument("--model", default=argparse.SUPPRESS,  # absent unless given: --preset demo refuses it
+                   help=f"encoder size: {', '.join(VIT_SIZES)} (default: vit_base)")
+    p.add_argument("--img-size", type=int, default=argparse.SUPPRESS, help="input resolution in pixels (default: 224)")
     p.add_argument("--patch-size", type=int, default=0, help="0 = the model's default")
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per step (0: 64 on CUDA, 8 on the CPU, the preset's with --preset demo; --loader: "
@@ -115,10 +116,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.profile < 0:
         raise UserError(f"--profile must not be negative, got {args.profile}")
-    if args.preset == "demo" and (args.model or args.img_size or args.patch_size):
+    if args.preset == "demo" and ("model" in args or "img_size" in args or args.patch_size):
         raise UserError("--preset demo benchmarks each demo's own model and input; --model, --img-size and "
                         "--patch-size set the sizes of --preset imagenet")
-    args.model, args.img_size = args.model or "vit_base", args.img_size or 224
+    args.model, args.img_size = getattr(args, "model", "vit_base"), getattr(args, "img_size", 224)
     for name in ("img_size", "steps", "loader_images", "small_images"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
