@@ -69,7 +69,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from common import UserError
 from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, SyntheticDataset, build_dataset,
                          mix_seed, pretrain_transform, render_synthetic)
-from common.training import cli, cpu_has_fast_bf16, param_groups, reuse_freed_host_memory, setup_distributed
+from common.training import (cli, cpu_has_fast_bf16, param_groups, parse_config, reuse_freed_host_memory,
+                             setup_distributed)
 from common.vit import VIT_SIZES, count_params
 
 ROOT = Path(__file__).resolve().parent
@@ -150,13 +151,9 @@ def select_methods(names):
 def method_config(module, args):
     """The method's ImageNet recipe with the benchmark's sizes, or (--preset demo) its demo preset with only the
     batch replaced when --batch-size is given; check() turns a bad size into one clear line."""
-    if args.preset == "demo":
-        preset = module.PRESETS["demo"]
-        cfg = module.Config(**{**preset, "batch_size": args.batch_size or preset["batch_size"]})
-        if cfg.model in VIT_SIZES and not cfg.patch_size:  # as parse_config fills it
-            cfg.patch_size = VIT_SIZES[cfg.model][3]
-        cfg.check()
-        return cfg
+    if args.preset == "demo":  # the command line of a bare run, parsed as the method file parses it
+        return parse_config(module.Config, module.PRESETS, ["--batch-size", str(args.batch_size)] if args.batch_size
+                            else [])[0]
     model = module.bench_model(args.model) if hasattr(module, "bench_model") else args.model
     overrides = dict(model=model, img_size=args.img_size, batch_size=args.batch_size,
                      patch_size=args.patch_size or VIT_SIZES[args.model][3])

@@ -153,6 +153,17 @@ def test_demo_preset_benchmarks_the_bare_run_and_counts_its_steps():
         bench.parse_args(["--preset", "demo", "--model", "vit_base"])
 
 
+def test_demo_preset_end_to_end(tmp_path):
+    """`bench.py --preset demo` as a user runs it (one method, a small batch): the demo's model in the row, and the
+    steps of a demo run at that batch (3 epochs x 625 batches of 16)."""
+    out = tmp_path / "bench.json"
+    proc = run_script("bench.py", "--preset", "demo", "--methods", "mae", "--batch-size", "16", "--steps", "1",
+                      "--no-compile", "--device", "cpu", "--json", str(out), env=ONE_THREAD)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "vit_micro/4 32px batch 16" and row["run_steps"] == 3 * 625
+    assert "| mae | vit_micro/4 32px batch 16 |" in proc.stdout and "pays off after" not in proc.stdout
+
+
 def test_compile_table_says_after_how_many_steps_compiling_pays_off():
     """60 s of compiling that saves 100 ms per step is won back after 600 steps; a compiled step that is not faster
     never pays off."""
