@@ -86,9 +86,16 @@ PRECISIONS = (  # (name, autocast dtype or None, torch.compile)
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                      flags                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, except where the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in action.help else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="python bench.py [--loader] [flags]",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--methods", default="", help="comma list, e.g. mae,simmim (default: every method file present)")
     p.add_argument("--preset", choices=("imagenet", "demo"), default="imagenet",
                    help="imagenet: each method's ImageNet recipe at --model / --img-size / --patch-size; demo: the "

@@ -1,5 +1,6 @@
 """bench.py: the FLOP count against a hand formula, the training table and the loader table at a tiny size."""
 import json
+import re
 
 import pytest
 import torch
@@ -108,6 +109,17 @@ def test_bench_bad_flags():
         bench.parse_args(["--steps", "0"])
     with pytest.raises(UserError, match="--img-size 30 is not divisible by --patch-size 16"):
         bench.method_config(mae, bench.parse_args(["--img-size", "30", "--batch-size", "8"]))
+
+
+def test_help_gives_each_default_once(capsys):
+    """Every flag's help says its default exactly once: the formatter appends it unless the help already says it."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    options = capsys.readouterr().out.split("options:\n")[1]
+    flags = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)][1:]  # one per flag, unwrapped
+    assert len(flags) == 15  # --help itself (first) has no default
+    counts = {flag.split()[0]: flag.count("(default:") for flag in flags}
+    assert set(counts.values()) == {1}, counts
 
 
 def test_bench_loader(tmp_path):
