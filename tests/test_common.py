@@ -2,7 +2,6 @@
 import math
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -202,7 +201,6 @@ def test_tf32_and_cudnn_benchmark_on_cuda_only(monkeypatch):
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
 
 
-
 REALLOCATION_FAULTS = """
 import resource, sys, torch
 from common.training import reuse_freed_host_memory
@@ -236,6 +234,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
     _, default = reallocation_faults("default")
     assert min(default[6:]) > 16000, default
     assert not reuse_freed_host_memory(torch.device("meta"))  # host memory only matters to CPU runs
+
 
 # ------------------------------------------------------------------------------------------------------------- data
 def test_synthetic_deterministic_any_size_balanced():
