@@ -1,15 +1,14 @@
 """bench.py: training speed, FLOPs, MFU and memory of every method file, and data-loading throughput (--loader).
 
-`python bench.py` runs, for each method file present (mae.py, simmim.py, beit.py, sit.py, convmae.py, igpt.py), the
-training step its main() runs, on random images already on the device (a method whose batches are several views
-turns them into those with its own `bench_batch(imgs, cfg)`; data loading is measured apart, --loader):
+`python bench.py` runs, for each method file present (mae.py, simmim.py, beit.py, beit2.py, sit.py, convmae.py,
+igpt.py), the training step its main() runs, on random images already on the device (a method whose batches are
+several views turns them into those with its own `bench_batch(imgs, cfg)`; data loading is measured apart, --loader):
     zero_grad(set_to_none) -> training_loss(model, imgs, cfg, generator) under autocast -> backward ->
     clip_grad_norm_ (when the method clips) -> AdamW step (fused)
 with this step's masks drawn from a generator seeded per step, as in training. The config is the method's ImageNet
 recipe with --model / --img-size / --patch-size / --batch-size replaced (a method whose paper sizes are not ViTs
 maps the ViT name to its nearest one with `bench_model(name)`, and names its row with `bench_label(cfg)`: iGPT's
-vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels; a file that holds more than one
-method gives their configs with `bench_variants(cfg)`, one row each: beit.py's BEiT and BEiT v2). Columns:
+vit_base is iGPT-S, 24 x 512, reading 224-px crops at its native 32 x 32 pixels). Columns:
   params      trainable parameters.
   tokens/s    img/s x the sequence positions of one image (patches; iGPT: pixels of its n_px x n_px grid).
   GFLOP/img   matmul and convolution FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode:
@@ -46,7 +45,7 @@ Run:     python bench.py                    # every method, ViT-B/16 at 224 px, 
          python bench.py --methods mae,igpt --steps 3
          python bench.py --preset demo --compile   # each demo's model: does torch.compile pay off within the demo?
          python bench.py --loader           # data-loading throughput
-Results: measured tables are in README.md (with hardware, torch version and command).
+Results: docs/PERFORMANCE.md (each table with its machine, torch version and command).
 """
 import argparse
 import gc
@@ -74,7 +73,7 @@ from common.training import (cli, cpu_has_fast_bf16, param_groups, parse_config,
 from common.vit import VIT_SIZES, count_params
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("mae", "simmim", "beit", "sit", "convmae", "igpt")  # benchmarked when <name>.py exists
+METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt")  # benchmarked when <name>.py exists
 WARMUP_STEPS = 2
 PRECISIONS = (  # (name, autocast dtype or None, torch.compile)
     ("fp32", None, False),
@@ -219,9 +218,9 @@ def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddin
     for a matmul: the input gradient is the transposed convolution of grad_out with the same weights, and every
     weight [C_out, C_in / groups, k, k] meets the same batch x positions in its gradient as in the forward.
     torch 2.14's formula counts the weight gradient as a dense convolution of x with grad_out, C_in x C_out x ...,
-    without the 1 / groups the weight shape carries in the forward: a depthwise conv's weight gradient read
-    C (256-384 in ConvMAE-B) times too large, +32 GFLOP per 224-px image, and MFU above 100 % (fixed upstream
-    after 2.14: pytorch/pytorch#183405 divides that term by groups)."""
+    without the 1 / groups the weight shape carries in the forward: a depthwise conv's weight gradient would read
+    C times too large (C = 256-384 channels in ConvMAE-B), and the MFU above 100 % (fixed upstream after 2.14: that
+    term is divided by groups)."""
     forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # grad_out has the forward's shape
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
@@ -277,11 +276,6 @@ def demo_steps(cfg):
     set's pre-training split, or the preset's --subset of it), as ResidentData counts them."""
     images = cfg.subset or len(SyntheticDataset("pretrain", cfg.img_size))
     return cfg.epochs * (images // cfg.batch_size)
-
-
-def method_variants(module, cfg):
-    """The rows of one method file: its config, or the configs of the methods it holds (`bench_variants`)."""
-    return module.bench_variants(cfg) if hasattr(module, "bench_variants") else [cfg]
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -505,13 +499,12 @@ def bench_training(args, device):
         args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    if args.bf16 is None:  # emulated bf16 (an AVX2-only CPU) runs matmuls ~50x slower than fp32: nothing to learn
+    if args.bf16 is None:  # emulated bf16 (an AVX2-only CPU) runs matmuls far slower than fp32: nothing to learn
         args.bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     modules = [importlib.import_module(m) for m in select_methods(args.methods)]
     if not modules:
         raise UserError(f"no method file found in {ROOT}")
-    configs = [(module, variant) for module in modules  # every size error before any timing
-               for variant in method_variants(module, method_config(module, args))]
+    configs = [(module, method_config(module, args)) for module in modules]  # every size error before any timing
     dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if args.bf16 else {})}
     peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items()}
     rows = [bench_method(m, cfg, args, device) for m, cfg in configs]

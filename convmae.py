@@ -11,64 +11,25 @@ visible tokens and added to the ViT's output before its final norm (multi-scale 
 and loss are MAE's: 8 blocks of width 512 over encoded + mask tokens, per-patch normalised pixels, MSE on the hidden
 patches. For fine-tuning and probing the conv stages run unmasked and all stage-3 tokens are averaged.
 
-Run:     python convmae.py                                   # offline demo on the built-in synthetic set
-         python convmae.py --data cifar10 --data-path ./data  # the small-data preset (ConvViT-T, stride 4 at 32 px)
-         python convmae.py --data imagenet --data-path /data/imagenet --model vit_base   # ConvMAE-B
-         torchrun --nproc_per_node 8 convmae.py --data imagenet --data-path /data/imagenet --accum-iter 3
-
 Sizes: `--model` names the ViT of stage 3; the conv stages have widths D/3 and D/2 and 2 blocks each, and the ViT
 stage depth - 1 blocks (vit_base -> ConvMAE-B [256, 384, 768] x [2, 2, 11], the only official size; the others are
 ours). `--patch-size` is the total stride p of the three stages, p/4 x 2 x 2 (16 = the official 4 x 2 x 2; 8 or 4
 for 28-32 px images: stage 1 at half or full resolution). The image size must be divisible by p.
 
-encoder.pth (the fine-tuning backbone, as the official release: no fusion convs, no decoder):
-  patch_embed.patch_embed{1,2,3}.{proj,norm}    conv k = s = p/4, 2, 2, then LayerNorm (eps 1e-5) and GELU
-  patch_embed.blocks{1,2}.{i}.{norm1,conv1,attn,conv2,norm2,mlp.fc1,mlp.fc2}   conv blocks (`attn`: the 5x5 dw conv)
-  patch_embed.patch_embed4                      Linear D -> D on the stage-3 tokens
-  pos_embed [1, N, D] (no cls token), blocks.{i}.* (timm ViT block names), norm
-`official_names()` renames it to Alpha-VL/ConvMAE's (drop the `patch_embed.` prefix, `blocks.` -> `blocks3.`), which
-loads into its `models_convvit.convvit_base_patch16` with only the head missing. The conv stages live under
-`patch_embed` (as the CNN of timm's hybrid ViTs) so that layer-wise lr decay gives them the embedding's layer, as
-the official `util/lr_decay.py` does.
-
-Results (2-core AMD EPYC with AVX512-BF16, no GPU, torch 2.14.1, bf16 autocast; the machine was shared with other
-jobs (load 8-10), so runs used one thread (OMP_NUM_THREADS=1, nice -n 10) and CPU times are given next to wall times;
-kNN / linear-probe top-1 of the pooled token (norm of the token mean, the official linear probe's --global_pool
-feature) and of the mean of the normalised tokens, against the same encoder at its random initialisation):
-  python convmae.py  (synthetic 32 px, 12 classes, ConvViT-micro, strides 2 x 2 x 2, 3 epochs; 1 min 34 s wall on
-  the quiet machine, 2 threads; 12 min 32 s at load 10)
-    loss 0.818 -> 0.528 -> 0.516; kNN 9.9 / 9.8, linear 12.4 / 12.8 (random init 10.5 / 10.6, 15.9 / 15.3; chance
-    8.3): as for MAE's demo, minutes of pre-training do not give probe-able features
-  Fashion-MNIST, ConvViT-micro at 32 px, strides 2 x 2 x 2 (stage 3: 4 x 4 tokens), a 2 x 128 decoder, 1 epoch, the
-  command in README.md (1421 s pre-training wall on the shared machine; the whole run, evaluation included, took 9.4
-  CPU-minutes). Why 32/8 and not MAE's 28 px grid (stride 4): the dense conv stages make a 28/4 image 3.1x as
-  costly (21 against 65 training images per CPU-second, fp32, one thread), ~48 CPU-minutes an epoch, past the
-  protocol's 20; at 32/8 an epoch is ~15 (re-run fp32 on an AVX2 machine: at most 15.0 CPU-minutes, loss 1.671,
-  kNN 77.7 / 77.8, linear 81.8 / 81.8, random init 73.5 / 73.4, 78.0 / 77.9; 26.9 CPU-minutes for the whole run)
-    loss 2.47 (step 20) -> 1.17 (step 220), epoch mean 1.670; kNN 77.8 / 77.7, linear 81.8 / 81.9 (random init
-    73.3 / 73.3, 78.0 / 78.0)
-  Against Alpha-VL/ConvMAE (convmae_convvit_base_patch16 at 4c97b4c, run on CPU with np.float restored; our weights
-  copied in by official_names(), same 4 images, same noise, fp32): losses 1.8075867 / 1.8086481 (two maskings),
-  equal to within 2.4e-7 (one float32 ulp; bitwise equal with 2 threads, 1 ulp apart in one of the two with 1
-  thread), predictions within 2.9e-6 (their std 0.9), gradients within 1.7e-6 of each tensor's largest entry: not
-  bitwise like MAE's, since the conv stages run on channels-last memory here (other oneDNN kernels, other summation
-  order). Our encoder, renamed, loads into the official ConvViT-B with only the head missing.
-  ConvMAE-B: 114,790,528 trainable parameters (tested), 34.44 GFLOP forward per 224-px image (17.22 GMAC, the
-  official count), 103.2 GFLOP forward + backward (bench.py; torch 2.14's own count, 135.2, took each depthwise
-  conv's weight gradient as dense).
-  Speed, ConvMAE-B training step at 224 px, batch 8, bf16 autocast, forward + backward + fused AdamW, against the
-  official model in the same process, alternating steps (a scratch script outside the repo): one thread, process
-  CPU time per step 6.38 s (ours) vs 6.26 s (official), ratio 1.02; wall time on two contended threads, median of 3:
-  ratio 0.60 (per pair 0.98, 0.59, 0.69; too noisy to quote more than "no slower"). bench.py's step, fp32, batch 8,
-  one thread on a 2-core AVX2 AMD EPYC at load ~10: 23.9 CPU-s per step, 0.335 img per CPU-second, against MAE-B's
-  12.6 s and 0.635 (README.md, Performance).
-Deviations from the official code: masks are drawn from a generator seeded by (seed, rank, step) instead of the
-global RNG (exact resume); the conv stages run on channels-last memory (oneDNN's depthwise convolution and its
-weight gradient measured 2-5x faster on it, two threads; last bits differ); any input size divisible by p and any
-p divisible by 4 (official: 224 and 16 only); `unpatchify` works (official: broken, issue #28); the encoder's state
-dict has the names above (official_names() maps them); evaluation reads the pooled token from position 0 (ConvMAE
-has no cls token); fine-tuning reports the last epoch (official: the best on val); the demo/small/medium presets are
-not the paper's recipe (see PRESETS).
+Run:     python convmae.py                                   # offline demo on the built-in synthetic set
+         python convmae.py --data cifar10 --data-path ./data  # the small-data preset (ConvViT-T, stride 4 at 32 px)
+         python convmae.py --data imagenet --data-path /data/imagenet --model vit_base   # ConvMAE-B
+         torchrun --nproc_per_node 8 convmae.py --data imagenet --data-path /data/imagenet --accum-iter 3
+Deviations from the official code:
+  - masks are drawn from a generator seeded by (seed, rank, step) instead of the global RNG (exact resume)
+  - the conv stages run on channels-last memory (faster oneDNN kernels; last bits of fp32 differ)
+  - any input size divisible by p and any p divisible by 4 (official: 224 and 16 only)
+  - `unpatchify` works (official: broken)
+  - the encoder's state dict has the names listed in ConvViT (official_names() maps them)
+  - evaluation reads the pooled token from position 0 (ConvMAE has no cls token)
+  - fine-tuning reports the last epoch (official: the best on val)
+  - the demo/small/medium presets are not the paper's recipe (see PRESETS)
+Results: docs/RESULTS.md#convmae
 """
 import time
 from dataclasses import dataclass
@@ -79,91 +40,9 @@ import torch.nn as nn
 from common import UserError
 from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
-from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
+from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
+                             set_lr)
 from common.vit import Block, DropPath, count_params, drop_path_rates, layer_norm, sincos_pos_embed_2d
-
-# stage-3 ViT size -> (widths of stages 1, 2, 3), (blocks of stages 1, 2, 3), heads of stage 3.
-# vit_base is the official ConvMAE-B (models_convmae.py); the others follow its pattern (widths D/3, D/2, D; 2 + 2
-# conv blocks; one ViT block fewer than the ViT), except vit_nano (tests). There is no official L/H.
-CONVMAE_SIZES = {
-    "vit_nano": ((16, 32, 64), (1, 1, 1), 2),
-    "vit_micro": ((64, 96, 192), (2, 2, 5), 3),
-    "vit_tiny": ((64, 96, 192), (2, 2, 11), 3),
-    "vit_small": ((128, 192, 384), (2, 2, 11), 6),
-    "vit_base": ((256, 384, 768), (2, 2, 11), 12),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                                      config                                                        #
-# ---------------------------------------------------------------------------------------------------------------- #
-@dataclass
-class Config(TrainConfig):
-    """Defaults = the official ImageNet recipe (PRETRAIN.md: 1600 epochs, 128 per GPU on 3 x 8 GPUs, blr 1.5e-4,
-    warm-up 40, norm-pix loss); the engine, optimizer and augmentation are MAE's, unchanged."""
-    model: str = "vit_base"  # size by its stage-3 ViT: vit_base = ConvMAE-B (official), vit_small, vit_tiny, vit_micro
-    patch_size: int = 16  # total stride p of the three stages, p/4 x 2 x 2 (official: 16 = 4 x 2 x 2)
-    epochs: int = 1600  # pre-training epochs
-    batch_size: int = 128  # images per process per step (official: 128 per GPU)
-    mask_ratio: float = 0.75  # fraction of stage-3 patches hidden from the encoder
-    norm_pix_loss: bool = True  # target = each patch normalised by its own mean/std (official: on)
-    decoder_dim: int = 512  # decoder width (official: 512)
-    decoder_depth: int = 8  # decoder blocks (official: 8)
-    decoder_heads: int = 16  # decoder attention heads (official: 16)
-
-    def check(self):
-        if self.model in ("vit_large", "vit_huge"):
-            raise UserError(f"ConvMAE has no {self.model} size (the official code has only Base); choose from "
-                            f"{', '.join(CONVMAE_SIZES)}")
-        if self.patch_size and self.patch_size % 4:
-            raise UserError(f"--patch-size {self.patch_size} must be a multiple of 4: it is the total stride of the "
-                            f"three stages, p/4 x 2 x 2")
-        if self.patch_size and self.img_size % self.patch_size:
-            raise UserError(f"--img-size {self.img_size} is not divisible by {self.patch_size}, the total stride of "
-                            f"the three stages (--patch-size)")
-        super().check()
-        if not 0 < self.mask_ratio < 1:
-            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        n = (self.img_size // self.patch_size) ** 2
-        if int(n * (1 - self.mask_ratio)) < 1:
-            raise UserError(f"--mask-ratio {self.mask_ratio} leaves no visible patch out of {n}")
-        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
-            raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
-
-
-# Presets by dataset scale; a flag given on the command line always wins.
-PRESETS = {
-    # `python convmae.py`: the offline demo, CPU-sized, chosen to finish in a few minutes on 2 cores including the
-    # evaluation; not a research recipe. 32 px with stride 8 = 2 x 2 x 2: stage 1 at 16 x 16, stage 3 a 4 x 4 grid
-    # (4 of 16 patches visible; a hidden patch is a 4 x 4 block at stage 1 and 2 x 2 at stage 2, as at 224 px). The
-    # conv stages run densely on every position, so stride 4 (stage 1 at full resolution) costs 4x as much.
-    "demo": dict(img_size=32, patch_size=8, model="vit_micro", decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                 epochs=3, warmup_epochs=0.5, batch_size=128, blr=1.5e-3, workers=2),
-    # CIFAR-10/100, (Fashion-)MNIST at 32/28 px: MAE's small recipe (IcarusWizard/MAE: ViT-T, a 4 x 192 decoder,
-    # global batch 4096, blr 1.5e-4, 2000 epochs, pixel targets) with stride 4 (stage 1 at full resolution; stage 3
-    # at 8 x 8 or 7 x 7): our choice, there is no published ConvMAE recipe at this scale.
-    "small": dict(patch_size=4, model="vit_tiny", decoder_dim=192, decoder_depth=4, decoder_heads=3, batch_size=512,
-                  accum_iter=8, blr=1.5e-4, epochs=2000, warmup_epochs=200, norm_pix_loss=False),
-    # STL-10 (96 px): stride 8, stage 1 at 48 x 48, stage 3 at 12 x 12; our choice as well.
-    "medium": dict(img_size=96, patch_size=8, model="vit_small", decoder_dim=256, decoder_depth=4, decoder_heads=8,
-                   batch_size=256, accum_iter=4, epochs=800, warmup_epochs=40),
-    "imagenet": {},
-}
-
-# --finetune-epochs: one recipe per data scale, picked by the input size (evaluation.finetune_scale); the fields are
-# FinetuneRecipe's in common/evaluation.py. The conv stages run unmasked and all N tokens are averaged (global pool).
-FINETUNE = {
-    # ConvMAE FINETUNE.md, ConvMAE-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1,
-    # wd 0.05, reprob 0.25, mixup 0.8, cutmix 1.0, and MAE's pipeline for the rest (RandAugment m9, label smoothing
-    # 0.1, cosine to 1e-6): MAE-B's recipe. official: the best epoch on val is kept; we: the last epoch.
-    "imagenet": dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, layer_decay=0.65, drop_path=0.1,
-                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # 65-128 px and 28-64 px images: our choice (no published ConvMAE recipe), the values mae.py uses there.
-    "medium": dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, drop_path=0.1, crop_scale=(0.2, 1.0),
-                   rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    "small": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.1, crop_scale=(0.5, 1.0),
-                  rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -200,6 +79,18 @@ def gather_tokens(x, ids):
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                      model                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
+# stage-3 ViT size -> (widths of stages 1, 2, 3), (blocks of stages 1, 2, 3), heads of stage 3.
+# vit_base is the official ConvMAE-B (models_convmae.py); the others follow its pattern (widths D/3, D/2, D; 2 + 2
+# conv blocks; one ViT block fewer than the ViT), except vit_nano (tests). There is no official L/H.
+CONVMAE_SIZES = {
+    "vit_nano": ((16, 32, 64), (1, 1, 1), 2),
+    "vit_micro": ((64, 96, 192), (2, 2, 5), 3),
+    "vit_tiny": ((64, 96, 192), (2, 2, 11), 3),
+    "vit_small": ((128, 192, 384), (2, 2, 11), 6),
+    "vit_base": ((256, 384, 768), (2, 2, 11), 12),
+}
+
+
 def channels_last_norm(norm, x):
     """A LayerNorm over the channels of an NCHW map (per position): [B, C, H, W] -> [B, C, H, W]."""
     return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -238,7 +129,7 @@ class ConvBlock(nn.Module):
         x = x + conv2(dwconv5x5(visible * conv1(LN(x))))     visible [B, 1, H, W]: 1 = visible (masked convolution)
         x = x + mlp(LN(x))
     The multiply zeroes the depthwise conv's input at hidden positions, the only operation here that mixes positions,
-    so visible outputs never see hidden pixels (paper §3.2; official issue #7). official: LayerNorm eps 1e-5 (its
+    so visible outputs never see hidden pixels (paper §3.2). official: LayerNorm eps 1e-5 (its
     `norm_layer` argument is ignored) and unused num_heads/qkv_bias arguments; we keep the eps, drop the arguments."""
 
     def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
@@ -289,7 +180,7 @@ class ConvStem(nn.Module):
             visible1 = upsample_mask(1 - mask, 4)  # [B, 1, 4h, 4w]: a hidden patch is a 4 x 4 block at stage 1
             visible2 = upsample_mask(1 - mask, 2)  # [B, 1, 2h, 2w]: and a 2 x 2 block at stage 2
         # channels-last memory (NCHW shape, NHWC layout): the LayerNorm permutes become free views and oneDNN's
-        # convolutions run 2-5x faster than on NCHW memory (the depthwise weight gradient most of all); the official
+        # convolutions, the depthwise weight gradient most of all, run faster than on NCHW memory; the official
         # code runs NCHW: the same function, summed in another order (last bits of fp32 differ)
         imgs = imgs.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed1(imgs)  # [B, 3, H, W] -> [B, C1, 4h, 4w]
@@ -313,7 +204,18 @@ class ConvViT(nn.Module):
     prepend_cls() reserves position 0 and run_blocks() fills it with the mean of the block outputs, which never takes
     part in attention: forward_features()[:, 0] = norm(mean of tokens) (the official linear probe's --global_pool
     feature, with the encoder's norm in place of a fresh LayerNorm), and the fine-tuning Classifier's mean over
-    tokens 1: pools all N tokens, as the official global_pool."""
+    tokens 1: pools all N tokens, as the official global_pool.
+
+    encoder.pth (the fine-tuning backbone, as the official release: no fusion convs, no decoder):
+      patch_embed.patch_embed{1,2,3}.{proj,norm}   conv k = s = p/4, 2, 2, then LayerNorm (eps 1e-5) and GELU
+      patch_embed.blocks{1,2}.{i}.*                conv blocks: norm1, conv1, attn (the 5x5 dw conv), conv2, norm2,
+                                                   mlp.fc1, mlp.fc2
+      patch_embed.patch_embed4                     Linear D -> D on the stage-3 tokens
+      pos_embed [1, N, D] (no cls token), blocks.{i}.* (timm ViT block names), norm
+    `official_names()` renames it to Alpha-VL/ConvMAE's (drop the `patch_embed.` prefix, `blocks.` -> `blocks3.`),
+    which loads into its `models_convvit.convvit_base_patch16` with only the head missing. The conv stages live under
+    `patch_embed` (as the CNN of timm's hybrid ViTs) so that layer-wise lr decay gives them the embedding's layer, as
+    the official `util/lr_decay.py` does."""
 
     def __init__(self, img_size=224, patch_size=16, model="vit_base", drop_path_rate=0.0, in_chans=3):
         super().__init__()
@@ -391,41 +293,6 @@ class ConvMAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
 
-    def initialize_weights(self):
-        """Official `initialize_weights`: the stage-3 embedding conv as a Linear with xavier_uniform, mask token
-        N(0, 0.02), every Linear (patch_embed4, ViT and decoder blocks, decoder embed/pred) xavier_uniform with zero
-        bias, every LayerNorm 1/0. All other convolutions (stage 1/2 embeddings, the conv blocks, the fusion convs)
-        keep PyTorch's default init. The sin-cos tables were filled at construction."""
-        w = self.encoder.patch_embed.patch_embed3.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # [D, C2, 2, 2] viewed as [D, 4 C2]
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)  # the fused qkv as one [3D, D] matrix, as the official code
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def patchify(self, imgs):
-        """[B, 3, H, W] -> [B, N, p*p*3]; p = the total stride, patches row-major, values in (row, column, channel)
-        order with the channel fastest, as the official `patchify`. official: p = 16 and square images only."""
-        B, C = imgs.shape[:2]
-        p, (h, w) = self.patch_size, self.grid_size
-        x = imgs.reshape(B, C, h, p, w, p)  # [B, 3, h, p, w, p]
-        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, h, w, p, p, 3]
-        return x.reshape(B, h * w, p * p * C)  # [B, N, p*p*3]
-
-    def unpatchify(self, x):
-        """[B, N, p*p*3] -> [B, 3, H, W], the inverse of patchify. official: broken (`self.patch_embed` does not
-        exist; issue #28)."""
-        B = x.shape[0]
-        p, (h, w) = self.patch_size, self.grid_size
-        x = x.reshape(B, h, w, p, p, 3)  # [B, h, w, p, p, 3]
-        x = torch.einsum("bhwpqc->bchpwq", x)  # [B, 3, h, p, w, p]
-        return x.reshape(B, 3, h * p, w * p)
-
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """Masked conv stages on the whole image, then the ViT on the visible tokens, then the fusion (official
         `forward_encoder`). Returns latent [B, N_vis, D], mask [B, N] (1 = masked), ids_restore [B, N]."""
@@ -438,7 +305,7 @@ class ConvMAE(nn.Module):
         x, s1, s2 = (gather_tokens(t, ids_keep) for t in (x, s1, s2))  # [B, N_vis, D] each, the same tokens
         for block in enc.blocks:
             x = block(x)
-        x = enc.norm(x + s1 + s2)  # fusion *before* the final norm (official; normalising first diverged, issue #6)
+        x = enc.norm(x + s1 + s2)  # fusion *before* the final norm, as the official
         return x, mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
@@ -469,6 +336,41 @@ class ConvMAE(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def patchify(self, imgs):
+        """[B, 3, H, W] -> [B, N, p*p*3]; p = the total stride, patches row-major, values in (row, column, channel)
+        order with the channel fastest, as the official `patchify`. official: p = 16 and square images only."""
+        B, C = imgs.shape[:2]
+        p, (h, w) = self.patch_size, self.grid_size
+        x = imgs.reshape(B, C, h, p, w, p)  # [B, 3, h, p, w, p]
+        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, h, w, p, p, 3]
+        return x.reshape(B, h * w, p * p * C)  # [B, N, p*p*3]
+
+    def unpatchify(self, x):
+        """[B, N, p*p*3] -> [B, 3, H, W], the inverse of patchify. official: broken (`self.patch_embed` does not
+        exist)."""
+        B = x.shape[0]
+        p, (h, w) = self.patch_size, self.grid_size
+        x = x.reshape(B, h, w, p, p, 3)  # [B, h, w, p, p, 3]
+        x = torch.einsum("bhwpqc->bchpwq", x)  # [B, 3, h, p, w, p]
+        return x.reshape(B, 3, h * p, w * p)
+
+    def initialize_weights(self):
+        """Official `initialize_weights`: the stage-3 embedding conv as a Linear with xavier_uniform, mask token
+        N(0, 0.02), every Linear (patch_embed4, ViT and decoder blocks, decoder embed/pred) xavier_uniform with zero
+        bias, every LayerNorm 1/0. All other convolutions (stage 1/2 embeddings, the conv blocks, the fusion convs)
+        keep PyTorch's default init. The sin-cos tables were filled at construction."""
+        w = self.encoder.patch_embed.patch_embed3.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # [D, C2, 2, 2] viewed as [D, 4 C2]
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # the fused qkv as one [3D, D] matrix, as the official code
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
 
 def build_model(cfg):
     return ConvMAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
@@ -484,30 +386,40 @@ def training_loss(model, imgs, cfg, generator):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                  visualisation                                                     #
+#                                                      config                                                        #
 # ---------------------------------------------------------------------------------------------------------------- #
-@torch.no_grad()
-def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
-    """Rows: original | masked input | reconstruction | reconstruction pasted into the visible patches.
-    With --norm-pix-loss the predicted patches are shown un-normalised with the mean/std of the *true* patch (the
-    usual MAE visualisation)."""
-    was_training = model.training
-    model.eval()
-    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(imgs.device)
-    with amp:
-        _, pred, mask = model(imgs, mask_ratio, noise)  # pred [B, N, p*p*3], mask [B, N]
-    model.train(was_training)
-    pred = pred.float()
-    if model.norm_pix_loss:
-        target = model.patchify(imgs)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    mask_px = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * 3))  # [B, 3, H, W]
-    recon = model.unpatchify(pred)
-    rows = [denormalize(imgs), denormalize(imgs) * (1 - mask_px) + 0.5 * mask_px, denormalize(recon),
-            denormalize(imgs * (1 - mask_px) + recon * mask_px)]
-    note = ("norm-pix target: patches un-normalised with the true patch mean/std" if model.norm_pix_loss
-            else "pixel target (ImageNet-normalised), shown as predicted")
-    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "reconstruction", "pasted"])
+@dataclass
+class Config(TrainConfig):
+    """Defaults = the official ImageNet recipe (PRETRAIN.md: 1600 epochs, 128 per GPU on 3 x 8 GPUs, blr 1.5e-4,
+    warm-up 40, norm-pix loss); the engine, optimizer and augmentation are MAE's, unchanged."""
+    model: str = "vit_base"  # size by its stage-3 ViT: vit_base = ConvMAE-B (official), vit_small, vit_tiny, vit_micro
+    patch_size: int = 16  # total stride p of the three stages, p/4 x 2 x 2 (official: 16 = 4 x 2 x 2)
+    epochs: int = 1600  # pre-training epochs
+    batch_size: int = 128  # images per process per step (official: 128 per GPU)
+    mask_ratio: float = 0.75  # fraction of stage-3 patches hidden from the encoder
+    norm_pix_loss: bool = True  # target = each patch normalised by its own mean/std (official: on)
+    decoder_dim: int = 512  # decoder width (official: 512)
+    decoder_depth: int = 8  # decoder blocks (official: 8)
+    decoder_heads: int = 16  # decoder attention heads (official: 16)
+
+    def check(self):
+        if self.model in ("vit_large", "vit_huge"):
+            raise UserError(f"ConvMAE has no {self.model} size (the official code has only Base); choose from "
+                            f"{', '.join(CONVMAE_SIZES)}")
+        if self.patch_size and self.patch_size % 4:
+            raise UserError(f"--patch-size {self.patch_size} must be a multiple of 4: it is the total stride of the "
+                            f"three stages, p/4 x 2 x 2")
+        if self.patch_size and self.img_size % self.patch_size:
+            raise UserError(f"--img-size {self.img_size} is not divisible by {self.patch_size}, the total stride of "
+                            f"the three stages (--patch-size)")
+        super().check()
+        if not 0 < self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        n = (self.img_size // self.patch_size) ** 2
+        if int(n * (1 - self.mask_ratio)) < 1:
+            raise UserError(f"--mask-ratio {self.mask_ratio} leaves no visible patch out of {n}")
+        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
+            raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -515,10 +427,11 @@ def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
 # ---------------------------------------------------------------------------------------------------------------- #
 def main():
     cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
-    run = Run(cfg, "convmae", preset)
+    run = Run(cfg, "convmae", preset)  # devices, processes, --out; resolves cfg.out, cfg.compile, a preset's accum_iter
     data = None if cfg.eval_only else build_train_data(cfg, run.dist, crop_scale=(0.2, 1.0), interpolation="bicubic",
                                                        log=run.log)
     model = build_model(cfg).to(run.device)
+    cfg.lr = scaled_lr(cfg, run.global_batch)  # lr = blr x global batch / 256 (the official linear scaling rule)
     # MAE's optimizer, unchanged (official: the same engine): AdamW(0.9, 0.95), wd 0.05 except biases and norms
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     start_epoch, start_step = run.start(model, optimizer)
@@ -551,11 +464,17 @@ def main():
                     run.scaler.step(optimizer)
                     run.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                if run.end_of_step(epoch, step, loss, lr, grad_norm):  # log, guard, checkpoint, signal, --max-steps
+                run.log_step(epoch, step, loss, lr, grad_norm)  # progress bar, non-finite guard, --log-every line
+                if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
+                    run.save_checkpoint(epoch, step + 1)
+                    run.exit_if_preempted()  # a stop signal ends the process here; --resume auto continues
                     break
+                if run.should_checkpoint(step):  # every --ckpt-every-steps
+                    run.save_checkpoint(epoch, step + 1)
             start_step = 0
             if not run.done:  # (--max-steps ends mid-epoch: no epoch summary, but the grid of where it stopped)
-                run.end_of_epoch(epoch)
+                run.log_epoch(epoch)
+                run.save_checkpoint(epoch + 1, 0)
             if run.is_main:
                 save_reconstruction(model, fixed.to(run.device), cfg.mask_ratio, run.out / f"recon_e{epoch}.png",
                                     f"ConvMAE {cfg.model} epoch {epoch}, mask ratio {cfg.mask_ratio}", run.autocast())
@@ -566,6 +485,72 @@ def main():
         run.finish_training(time.perf_counter() - t0)
 
     report("convmae", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                          presets and fine-tune recipes                                             #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Presets by dataset scale; a flag given on the command line always wins.
+PRESETS = {
+    # `python convmae.py`: the offline demo, CPU-sized for a run of minutes, evaluation included; not a research
+    # recipe. 32 px with stride 8 = 2 x 2 x 2: stage 1 at 16 x 16, stage 3 a 4 x 4 grid (4 of 16 patches visible; a
+    # hidden patch is a 4 x 4 block at stage 1 and 2 x 2 at stage 2, as at 224 px). The conv stages run densely on
+    # every position, so stride 4 (stage 1 at full resolution) costs 4x as much.
+    "demo": dict(img_size=32, patch_size=8, model="vit_micro", decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                 epochs=3, warmup_epochs=0.5, batch_size=128, blr=1.5e-3, workers=2),
+    # CIFAR-10/100, (Fashion-)MNIST at 32/28 px: MAE's small recipe (IcarusWizard/MAE: ViT-T, a 4 x 192 decoder,
+    # global batch 4096, blr 1.5e-4, 2000 epochs, pixel targets) with stride 4 (stage 1 at full resolution; stage 3
+    # at 8 x 8 or 7 x 7): our choice, there is no published ConvMAE recipe at this scale.
+    "small": dict(patch_size=4, model="vit_tiny", decoder_dim=192, decoder_depth=4, decoder_heads=3, batch_size=512,
+                  accum_iter=8, blr=1.5e-4, epochs=2000, warmup_epochs=200, norm_pix_loss=False),
+    # STL-10 (96 px): stride 8, stage 1 at 48 x 48, stage 3 at 12 x 12; our choice as well.
+    "medium": dict(img_size=96, patch_size=8, model="vit_small", decoder_dim=256, decoder_depth=4, decoder_heads=8,
+                   batch_size=256, accum_iter=4, epochs=800, warmup_epochs=40),
+    "imagenet": {},
+}
+
+# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+# The conv stages run unmasked and all N tokens are averaged (global pool).
+FINETUNE = {
+    # ConvMAE FINETUNE.md, ConvMAE-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1,
+    # wd 0.05, reprob 0.25, mixup 0.8, cutmix 1.0, and MAE's pipeline for the rest (RandAugment m9, label smoothing
+    # 0.1, cosine to 1e-6): MAE-B's recipe. official: the best epoch on val is kept; we: the last epoch.
+    "imagenet": dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, layer_decay=0.65, drop_path=0.1,
+                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # 65-128 px and 28-64 px images: our choice (no published ConvMAE recipe), the values mae.py uses there.
+    "medium": dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, drop_path=0.1, crop_scale=(0.2, 1.0),
+                   rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    "small": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.1, crop_scale=(0.5, 1.0),
+                  rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  visualisation                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+@torch.no_grad()
+def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
+    """Rows: original | masked input | reconstruction | reconstruction pasted into the visible patches.
+    With --norm-pix-loss the predicted patches are shown un-normalised with the mean/std of the *true* patch (the
+    usual MAE visualisation)."""
+    was_training = model.training
+    model.eval()
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(imgs.device)
+    with amp:
+        _, pred, mask = model(imgs, mask_ratio, noise)  # pred [B, N, p*p*3], mask [B, N]
+    model.train(was_training)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    mask_px = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * 3))  # [B, 3, H, W]
+    recon = model.unpatchify(pred)
+    rows = [denormalize(imgs), denormalize(imgs) * (1 - mask_px) + 0.5 * mask_px, denormalize(recon),
+            denormalize(imgs * (1 - mask_px) + recon * mask_px)]
+    note = ("norm-pix target: patches un-normalised with the true patch mean/std" if model.norm_pix_loss
+            else "pixel target (ImageNet-normalised), shown as predicted")
+    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "reconstruction", "pasted"])
+
 
 if __name__ == "__main__":
     cli(main)

@@ -1,4 +1,4 @@
-"""iGPT: Generative Pretraining from Pixels (Chen, Radford, Child, Wu, Jun, Luan, Sutskever, ICML 2020).
+"""iGPT: Generative Pretraining from Pixels (Chen, Radford, Child, Wu, Jun, Luan, Sutskever, 2020), ICML 2020.
 
 Treat an image as a sequence of pixels and train a GPT-2-style transformer on it. Each pixel is replaced by the
 index of its nearest colour in a k-means palette (k = 512 "9-bit" colours fitted on RGB values in [-1, 1]), the
@@ -15,42 +15,19 @@ Run:     python igpt.py                                   # offline demo: palett
          python igpt.py --data imagenet ... --palette kmeans_centers.npy                # the official palette
          torchrun --nproc_per_node 8 igpt.py --data imagenet --data-path /data/imagenet --model igpt_m
 
-Results (2-core AMD EPYC with avx512_bf16, no GPU, torch 2.14.1, bf16 autocast; the machine was shared, load 7-10
-on its 2 cores, so runs used OMP_NUM_THREADS=1 (5x faster than 2 threads under that load) and wall times are long;
-linear probe / kNN top-1 of the best layer, against the same model at its random initialisation):
-  python igpt.py  (synthetic 16 px = 256 tokens, 16 colours, 4 x 128, 2 epochs over 4000 images)
-    loss 2.77 -> 1.449 -> 0.841 nats/token, val 0.832 nats/token (0.40 bits/dim); probe best layer 2 of 4: linear 9.3,
-    kNN 10.2 (random init: 8.4, 10.1; chance 8.3): a few CPU-minutes of pixels are too few to beat a random decoder on
-    these shapes (as in the MAE/SimMIM demos). 2 min 01 s wall on the quiet machine (same numbers; 15 min 35 s at load 10).
-  Fashion-MNIST at 16 x 16 = 256 tokens (28 px resized), 16 grey levels, igpt_micro (4 x 64, 4 heads, 0.22 M), 2 epochs
-  over 15,000 images, the command in README.md; 1158 s of pre-training (7.3 CPU-minutes for the whole run):
-    loss 2.77 -> 1.371 -> 0.888 nats/token; val 0.871 nats/token (0.419 bits/dim); linear probe by layer (embedding,
-    blocks 1-4) 58.0 / 72.6 / 73.8 / 74.8 / 74.9, kNN 43.9 / 59.1 / 65.9 / 68.4 / 68.0 (5000 train / 5000 val);
-    random init: best linear 61.7 (layer 2), kNN 52.6, 2.773 nats/token (= ln 16). With 4 blocks the best layers are
-    the last two (74.8 / 74.9); the paper's mid-network peak is for 24-48 blocks.
-  Against Hugging Face transformers 5.24 `ImageGPTForCausalImageModeling` (the port of the official weights), same
-  weights copied in, same tokens, fp32: max |logit difference| 4.3e-6 for D 64 / 3 blocks / 16 colours / 8 x 8, and
-  3.1e-5 (logits up to 33) at the iGPT-S shape (24 x 512, 512 colours, 32 x 32); hidden states of every layer agree
-  to 6e-6. Speed: iGPT-S (bench.py's vit_base row) at 32 x 32 tokens, batch 8, fp32, one thread on a 2-core AVX2
-  AMD EPYC at load ~10: 117 CPU-s per step = 0.068 img / 70 tokens per CPU-second (MAE-B: 0.635 img, 124 tokens);
-  620 train GFLOP/img counted (155 of them attention at full 1024 x 1024), 10.6 x MAE-B's (README.md, Performance).
-Where the Hugging Face port differs (the official TF code sides with this file on each): it has biases on every
-projection (zero after conversion, but trainable: 9 D per block more, 76.68 M for S); the start token is row 512 of
-a 513-row wte (the same numbers); its loss shifts the labels inside a 1024-position window, so the last pixel is never
-predicted (its loss equals ours over the first N-1 pixels); dropout 0.1 and GPT-2 init (N(0, .02) everywhere, c_proj
-.02/sqrt(2L), non-zero output matrix) by default, where the official model has no dropout, wpe N(0, .01), q/k/v
-N(0, 1/sqrt(D)), attention c_proj N(0, 1/sqrt(D L)) and a zero output matrix; its classifier mean-pools the last
-layer and trains on L_clf alone, the official `--clf` adds L_gen.
-Deviations from the paper / official code: the palette is k-means++ then Lloyd in torch on at most 1 M pixels of
---palette-images training images (the paper's exact sample is unpublished); images are resized with antialiased
-bilinear and the ImageNet crop (shorter side 256-384, random 224) is approximated by a square RandomResizedCrop of
-area 0.34-0.77; q/k/v are one fused matrix (same function); BERT masks come from a generator seeded by (seed, rank,
-step) and the evaluation's BERT mask is seeded; the probe is common/'s SGD linear probe on BatchNorm-ed features
-(paper: L-BFGS logistic regression) and the best layer is picked on the val split it is reported on; fine-tuning
-runs a fixed number of epochs with flips (paper: early stopping); sampling draws by inverse CDF with a KV cache
-(official: no cache); iGPT-S has 76,571,648 parameters, exactly the official model's trainable variables (the
-paper's "76M" / 455M / 1362M are the exact counts truncated to millions; tests/test_igpt.py); the learning rate
-default (blr 1e-3 at batch 128) is not from Appendix A, which we could not read; the demo/small presets are ours.
+Deviations from the official code:
+  - the palette is k-means++ then Lloyd in torch, on at most 1 M pixels of --palette-images images (paper: unpublished)
+  - images are resized with antialiased bilinear
+  - the ImageNet crop (shorter side 256-384, random 224) is approximated by a square RandomResizedCrop of area 0.34-0.77
+  - q/k/v are one fused matrix (same function)
+  - BERT masks come from a generator seeded by (seed, rank, step), and the evaluation's BERT mask is seeded
+  - the probe is common/'s SGD linear probe on BatchNorm-ed features (paper: L-BFGS logistic regression)
+  - the best layer is picked on the val split it is reported on
+  - fine-tuning runs a fixed number of epochs with random flips (paper: early stopping)
+  - sampling draws by inverse CDF with a KV cache (official: no cache)
+  - the default lr (blr 1e-3 at batch 128) is not from Appendix A, which we could not read
+  - the demo/small presets are ours
+Results: docs/RESULTS.md#igpt
 """
 import copy
 import math
@@ -69,114 +46,8 @@ from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_eval_
                          eval_transform, preview_images, seeded_rng)
 from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid, shard
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
-                             progress, set_grad_sync, set_lr)
+                             progress, scaled_lr, set_grad_sync, set_lr)
 from common.vit import VIT_SIZES, count_params
-
-# name -> (width D, depth, heads). The paper's released sizes (Table/README: S 76 M, M 455 M, L 1362 M parameters;
-# XL is unreleased and its head count unpublished, so it is not here), plus four of ours: "igpt_nano" for tests,
-# "igpt_micro" and "igpt_tiny" for CPU runs (Fashion-MNIST, the demo), "igpt_mini" for small data on a GPU.
-# A ViT name (vit_base, ...) gives a decoder of that width, depth and head count, so that
-# `bench.py --model vit_base` compares methods at equal size.
-IGPT_SIZES = {
-    "igpt_nano": (32, 2, 2),
-    "igpt_micro": (64, 4, 4),
-    "igpt_tiny": (128, 4, 4),
-    "igpt_mini": (256, 8, 8),
-    "igpt_s": (512, 24, 8),
-    "igpt_m": (1024, 36, 8),
-    "igpt_l": (1536, 48, 16),
-}
-
-
-def model_dims(model):
-    if model in IGPT_SIZES:
-        return IGPT_SIZES[model]
-    if model in VIT_SIZES:
-        return VIT_SIZES[model][:3]
-    raise UserError(f"unknown model {model!r}; choose from {', '.join(IGPT_SIZES)} (or a ViT size: "
-                    f"{', '.join(VIT_SIZES)})")
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                                      config                                                        #
-# ---------------------------------------------------------------------------------------------------------------- #
-@dataclass
-class Config(TrainConfig):
-    """Defaults = the paper's ImageNet recipe for iGPT-S (§3.4, App. A: batch 128, Adam(0.9, 0.95), no weight decay,
-    no dropout, lr warmed up for one epoch then cosine to 0; 1 M iterations x 128 = about 100 ImageNet epochs)."""
-    lr_batch_div = 128  # lr = blr x global batch / 128: the paper's lr is for batch 128
-
-    model: str = "igpt_s"  # igpt_s (24 x 512), igpt_m (36 x 1024), igpt_l (48 x 1536); igpt_mini/tiny/micro/nano
-    img_size: int = 224  # images are read and augmented at this size, then resized to --n-px (ImageNet: 224 crops)
-    patch_size: int = 1  # unused: iGPT reads one token per pixel (accepted so shared tools can pass it)
-    n_px: int = 32  # model resolution: the image becomes n_px x n_px tokens (paper: 32, 48, 64); 0 = --img-size
-    palette_size: int = 512  # k of the k-means colour palette = vocabulary size (paper: 512)
-    palette: str = ""  # palette file to reuse ([K, 3] in [-1, 1]: palette.pt of a run, or OpenAI's kmeans_centers.npy)
-    palette_images: int = 4096  # training images whose pixels feed the k-means
-    palette_pixels: int = 1_000_000  # at most this many of their pixels (a seeded random sample)
-    objective: str = "ar"  # ar (next pixel, causal) or bert (predict 15 %% of tokens whose embedding is zeroed)
-    bert_mask_prob: float = 0.15  # fraction of tokens hidden by --objective bert (paper: 0.15)
-    crop_min: float = 0.34  # random square crop, area fraction from crop_min ... (1 = the whole image, flips only)
-    crop_max: float = 0.77  # ... to crop_max (paper: shorter side 256-384, random 224 crop = 0.34-0.77)
-    n_samples: int = 8  # images in each epoch's completion / sample grid
-    eval_images: int = 0  # probe, kNN and val nats/token on at most N labelled train and N val images (0 = all)
-    finetune_lr: float = 0.0  # fine-tuning lr (0 = the pre-training peak lr; constant, as the paper)
-    epochs: int = 100  # pre-training epochs (paper: 1 M iterations at batch 128, about 100 ImageNet epochs)
-    batch_size: int = 128  # images per process per step (paper: 128 in all)
-    blr: float = 1e-3  # base lr at batch 128 (paper: swept 0.01, 0.003, 0.001, ... per model; App. A)
-    warmup_epochs: float = 1  # linear warm-up (paper: one epoch)
-    weight_decay: float = 0.0  # the paper uses none
-
-    def check(self):
-        model, self.model = self.model, "vit_nano"  # TrainConfig knows only the ViT names; ours are checked below
-        try:
-            super().check()
-        finally:
-            self.model = model
-        model_dims(self.model)
-        if self.objective not in ("ar", "bert"):
-            raise UserError(f"unknown --objective {self.objective!r}; choose ar or bert")
-        if not 0 < self.bert_mask_prob < 1:
-            raise UserError(f"--bert-mask-prob must be in (0, 1), got {self.bert_mask_prob}")
-        if self.n_px < 0 or self.n_px > 128:
-            raise UserError(f"--n-px {self.n_px}: one token per pixel, so at most 128 (16384 tokens); paper: 32-64")
-        if not self.palette and not 2 <= self.palette_size <= 65536:
-            raise UserError(f"--palette-size must be in [2, 65536], got {self.palette_size}")
-        if not 0 < self.crop_min <= self.crop_max <= 1:
-            raise UserError(f"need 0 < --crop-min <= --crop-max <= 1, got {self.crop_min}, {self.crop_max}")
-        for name in ("palette_images", "palette_pixels"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("n_samples", "eval_images", "finetune_lr"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        dim, _, heads = model_dims(self.model)
-        if dim % heads:
-            raise UserError(f"{self.model}: width {dim} is not divisible by {heads} heads")
-
-    @property
-    def res(self):
-        """Model resolution: n_px, or the image size when n_px is 0."""
-        return self.n_px or self.img_size
-
-
-# Presets by dataset scale; a flag given on the command line always wins.
-PRESETS = {
-    # `python igpt.py`: the offline demo. 16 x 16 synthetic images (256 tokens) with a 16-colour palette and a
-    # 4 x 128 decoder, 2 epochs over 4000 images: CPU-sized, a few minutes on 2 cores including the probe; not a
-    # research recipe (the lr is raised for the short run).
-    "demo": dict(img_size=16, n_px=0, model="igpt_tiny", palette_size=16, palette_images=2000, subset=4000, epochs=2,
-                 warmup_epochs=0.2, batch_size=64, blr=3e-3, crop_min=1.0, crop_max=1.0, workers=2,
-                 eval_images=2000),
-    # CIFAR, (Fashion-)MNIST at their native 32/28 px: our choice (the paper pre-trains on ImageNet only). A 64-colour
-    # palette, an 8 x 256 decoder, whole images with flips (teddykoker/image-gpt: 16 colours and an 8 x 16 model for
-    # 28 px MNIST, lr 3e-3 at batch 64).
-    "small": dict(n_px=0, model="igpt_mini", palette_size=64, epochs=100, batch_size=64, blr=1e-3, crop_min=1.0,
-                  crop_max=1.0),
-    # STL-10 (96 px): downsampled to 32 x 32 tokens, as the paper's STL-10 probe.
-    "medium": dict(n_px=32, model="igpt_mini", palette_size=512, epochs=100, batch_size=64),
-    "imagenet": {},
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -292,6 +163,32 @@ def load_palette(path):
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                      model                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
+# name -> (width D, depth, heads). The paper's released sizes (Table/README: S 76 M, M 455 M, L 1362 M parameters, the
+# exact trainable counts of these shapes truncated to millions: iGPT-S has 76,571,648, as the official model;
+# tests/test_igpt.py. XL is unreleased and its head count unpublished, so it is not here), plus four of ours:
+# "igpt_nano" for tests, "igpt_micro" and "igpt_tiny" for CPU runs (Fashion-MNIST, the demo), "igpt_mini" for small
+# data on a GPU. A ViT name (vit_base, ...) gives a decoder of that width, depth and head count, so that
+# `bench.py --model vit_base` compares methods at equal size.
+IGPT_SIZES = {
+    "igpt_nano": (32, 2, 2),
+    "igpt_micro": (64, 4, 4),
+    "igpt_tiny": (128, 4, 4),
+    "igpt_mini": (256, 8, 8),
+    "igpt_s": (512, 24, 8),
+    "igpt_m": (1024, 36, 8),
+    "igpt_l": (1536, 48, 16),
+}
+
+
+def model_dims(model):
+    if model in IGPT_SIZES:
+        return IGPT_SIZES[model]
+    if model in VIT_SIZES:
+        return VIT_SIZES[model][:3]
+    raise UserError(f"unknown model {model!r}; choose from {', '.join(IGPT_SIZES)} (or a ViT size: "
+                    f"{', '.join(VIT_SIZES)})")
+
+
 class QuickGELU(nn.Module):
     """Official `gelu2`: x * sigmoid(1.702 x) (the exact `gelu` is defined in model.py but unused)."""
 
@@ -327,7 +224,7 @@ class Attention(nn.Module):
             k, v = cache["k"][:, :, : start + T], cache["v"][:, :, : start + T]  # [B, H, start+T, D/H]
             causal = causal and T > 1  # one new query may see every cached key
         # SDPA everywhere, also for bf16 on the CPU where common/vit.py spells attention out: at iGPT's long causal
-        # sequences the fused kernel measured 1.3x (256 tokens) and 2.2x (784 tokens) faster, forward + backward
+        # sequences the fused kernel is the faster one, forward + backward
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, T, D/H]
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))  # heads merged in (head, channel) order: [B, T, D]
 
@@ -466,24 +363,11 @@ class ImageGPT(nn.Module):
         return [{"n_ctx": self.n_ctx} for _ in self.h]
 
 
-def tokens_per_image(cfg):
-    """Sequence positions per image, for bench.py's tokens/s: one per pixel of the n_px x n_px grid."""
-    return cfg.res ** 2
-
-
-# bench.py compares the methods by ViT name (`--model vit_base`): iGPT's nearest paper size stands in for it, by
-# parameters (ViT-B 86 M ~ iGPT-S 76 M, ViT-L 304 M -> iGPT-M 455 M, ViT-H 632 M -> iGPT-L 1362 M); the smaller ViT
-# names stay decoders of the ViT's width and depth (tests).
-BENCH_SIZES = {"vit_base": "igpt_s", "vit_large": "igpt_m", "vit_huge": "igpt_l"}
-
-
-def bench_model(vit_name):
-    return BENCH_SIZES.get(vit_name, vit_name)
-
-
-def bench_label(cfg):
-    """bench.py's row name: the model, its token grid and the images it reads (e.g. 224-px crops -> 32 x 32)."""
-    return f"{cfg.model} {cfg.res}x{cfg.res} tokens of {cfg.img_size}px"
+def param_count_formula(dim, depth, vocab_size, n_ctx, objective="ar"):
+    """Trainable parameters: per block 12 D^2 (q, k, v, proj: 4 D^2; MLP: 8 D^2) + 2 D (two norm gains); plus wte and
+    wtet (K D each), wpe (n_ctx D), ln_f (D) and the start token (D, AR only). No biases anywhere."""
+    blocks = depth * (12 * dim * dim + 2 * dim)
+    return blocks + 2 * vocab_size * dim + n_ctx * dim + dim + (dim if objective == "ar" else 0)
 
 
 def build_model(cfg, vocab_size=None):
@@ -500,81 +384,164 @@ def training_loss(model, imgs, cfg, generator):
     return loss
 
 
-def param_count_formula(dim, depth, vocab_size, n_ctx, objective="ar"):
-    """Trainable parameters: per block 12 D^2 (q, k, v, proj: 4 D^2; MLP: 8 D^2) + 2 D (two norm gains); plus wte and
-    wtet (K D each), wpe (n_ctx D), ln_f (D) and the start token (D, AR only). No biases anywhere."""
-    blocks = depth * (12 * dim * dim + 2 * dim)
-    return blocks + 2 * vocab_size * dim + n_ctx * dim + dim + (dim if objective == "ar" else 0)
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      config                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+@dataclass
+class Config(TrainConfig):
+    """Defaults = the paper's ImageNet recipe for iGPT-S (§3.4, App. A: batch 128, Adam(0.9, 0.95), no weight decay,
+    no dropout, lr warmed up for one epoch then cosine to 0; 1 M iterations x 128 = about 100 ImageNet epochs)."""
+    lr_batch_div = 128  # lr = blr x global batch / 128: the paper's lr is for batch 128
+
+    model: str = "igpt_s"  # igpt_s (24 x 512), igpt_m (36 x 1024), igpt_l (48 x 1536); igpt_mini/tiny/micro/nano
+    img_size: int = 224  # images are read and augmented at this size, then resized to --n-px (ImageNet: 224 crops)
+    patch_size: int = 1  # unused: iGPT reads one token per pixel (accepted so shared tools can pass it)
+    n_px: int = 32  # model resolution: the image becomes n_px x n_px tokens (paper: 32, 48, 64); 0 = --img-size
+    palette_size: int = 512  # k of the k-means colour palette = vocabulary size (paper: 512)
+    palette: str = ""  # palette file to reuse ([K, 3] in [-1, 1]: palette.pt of a run, or OpenAI's kmeans_centers.npy)
+    palette_images: int = 4096  # training images whose pixels feed the k-means
+    palette_pixels: int = 1_000_000  # at most this many of their pixels (a seeded random sample)
+    objective: str = "ar"  # ar (next pixel, causal) or bert (predict 15 %% of tokens whose embedding is zeroed)
+    bert_mask_prob: float = 0.15  # fraction of tokens hidden by --objective bert (paper: 0.15)
+    crop_min: float = 0.34  # random square crop, area fraction from crop_min ... (1 = the whole image, flips only)
+    crop_max: float = 0.77  # ... to crop_max (paper: shorter side 256-384, random 224 crop = 0.34-0.77)
+    n_samples: int = 8  # images in each epoch's completion / sample grid
+    eval_images: int = 0  # probe, kNN and val nats/token on at most N labelled train and N val images (0 = all)
+    finetune_lr: float = 0.0  # fine-tuning lr (0 = the pre-training peak lr; constant, as the paper)
+    epochs: int = 100  # pre-training epochs (paper: 1 M iterations at batch 128, about 100 ImageNet epochs)
+    batch_size: int = 128  # images per process per step (paper: 128 in all)
+    blr: float = 1e-3  # base lr at batch 128 (paper: swept 0.01, 0.003, 0.001, ... per model; App. A)
+    warmup_epochs: float = 1  # linear warm-up (paper: one epoch)
+    weight_decay: float = 0.0  # the paper uses none
+
+    def check(self):
+        model, self.model = self.model, "vit_nano"  # TrainConfig knows only the ViT names; ours are checked below
+        try:
+            super().check()
+        finally:
+            self.model = model
+        model_dims(self.model)
+        if self.objective not in ("ar", "bert"):
+            raise UserError(f"unknown --objective {self.objective!r}; choose ar or bert")
+        if not 0 < self.bert_mask_prob < 1:
+            raise UserError(f"--bert-mask-prob must be in (0, 1), got {self.bert_mask_prob}")
+        if self.n_px < 0 or self.n_px > 128:
+            raise UserError(f"--n-px {self.n_px}: one token per pixel, so at most 128 (16384 tokens); paper: 32-64")
+        if not self.palette and not 2 <= self.palette_size <= 65536:
+            raise UserError(f"--palette-size must be in [2, 65536], got {self.palette_size}")
+        if not 0 < self.crop_min <= self.crop_max <= 1:
+            raise UserError(f"need 0 < --crop-min <= --crop-max <= 1, got {self.crop_min}, {self.crop_max}")
+        for name in ("palette_images", "palette_pixels"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("n_samples", "eval_images", "finetune_lr"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        dim, _, heads = model_dims(self.model)
+        if dim % heads:
+            raise UserError(f"{self.model}: width {dim} is not divisible by {heads} heads")
+
+    @property
+    def res(self):
+        """Model resolution: n_px, or the image size when n_px is 0."""
+        return self.n_px or self.img_size
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                     sampling                                                       #
+#                                                      train                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
-def draw(logits, generator, temperature=1.0):
-    """One token per row from softmax(logits / T) by inverse CDF with a uniform from `generator`: the draw is a
-    function of (logits, generator state), so two samplers with the same seed and logits agree. [B, K] -> [B]."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, K]
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # [B, 1]
-    return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)  # [B]
+def main():
+    cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
+    run = Run(cfg, "igpt", preset)  # devices, processes, --out; resolves cfg.out, cfg.compile, a preset's accum_iter
+    resuming = bool(cfg.resume) and (cfg.resume != "auto" or run.ckpt_path.exists())
+    palette = None
+    if cfg.palette:
+        palette = load_palette(cfg.palette)
+        cfg.palette_size = len(palette)
+    elif not resuming:
+        palette = fit_palette(cfg, run)  # a checkpoint brings its own palette
+    data = None if cfg.eval_only else build_train_data(cfg, run.dist, crop_scale=(cfg.crop_min, cfg.crop_max),
+                                                       crop_ratio=(1.0, 1.0), interpolation="bicubic", log=run.log)
+    model = build_model(cfg).to(run.device)
+    if palette is not None:
+        model.palette.copy_(palette)
+    cfg.lr = scaled_lr(cfg, run.global_batch)  # lr = blr x global batch / 128 (the paper's lr is for batch 128)
+    # Adam(0.9, 0.95) as the paper; no weight decay by default (AdamW with --weight-decay on matrices otherwise)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=True)  # one kernel per step
+    start_epoch, start_step = run.start(model, optimizer)
+    run.save_file(model.palette.detach().cpu().clone(), "palette.pt")  # reusable: --palette <out>/palette.pt
+    dim, depth, heads = model_dims(cfg.model)
+    run.log(f"iGPT {cfg.model} ({depth} x {dim}, {heads} heads), {cfg.objective}, {cfg.res} x {cfg.res} = "
+            f"{model.n_ctx} tokens, {model.vocab_size} colours: {count_params(model) / 1e6:.2f}M parameters")
+    fixed = preview_images(cfg, run.dist, cfg.n_samples) if cfg.n_samples else None  # the same images every epoch
+    t0 = time.perf_counter()
+
+    if not cfg.eval_only:
+        train_model = run.wrap(model)  # torch.compile and/or DDP
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            run.start_epoch(epoch, start_step, data.steps_per_epoch)
+            for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
+                it = epoch * data.steps_per_epoch + step
+                lr = set_lr(optimizer, cosine_lr(it / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
+                                                 cfg.epochs))
+                update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
+                set_grad_sync(train_model, update)
+                with run.autocast():
+                    loss = training_loss(train_model, imgs, cfg, run.step_generator(it))  # nats per token
+                run.scaler.scale(loss / cfg.accum_iter).backward()
+                grad_norm = None
+                if update:
+                    run.scaler.unscale_(optimizer)
+                    if cfg.clip_grad:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    run.scaler.step(optimizer)
+                    run.scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                run.log_step(epoch, step, loss, lr, grad_norm)  # progress bar, non-finite guard, --log-every line
+                if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
+                    run.save_checkpoint(epoch, step + 1)
+                    run.exit_if_preempted()  # a stop signal ends the process here; --resume auto continues
+                    break
+                if run.should_checkpoint(step):  # every --ckpt-every-steps
+                    run.save_checkpoint(epoch, step + 1)
+            start_step = 0
+            if run.done:
+                break
+            run.log_epoch(epoch)
+            run.save_checkpoint(epoch + 1, 0)
+            if run.is_main and cfg.n_samples:
+                save_samples(model, fixed.to(run.device), run.out / f"samples_e{epoch}.png",
+                             f"iGPT {cfg.model} {cfg.objective}, epoch {epoch}, loss {run.last_loss:.3f} nats/token",
+                             run.autocast(), seed=cfg.seed)
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                run.write_log(kind="eval", epoch=epoch, **layer_monitors(model, run))
+        run.finish_training(time.perf_counter() - t0)
+
+    report_igpt(model, run)
 
 
-@torch.no_grad()
-def sample(model, prompt, generator, use_cache=True, temperature=1.0):
-    """Complete token sequences in raster order. prompt [B, T0] (T0 = 0: unconditional) -> tokens [B, N].
-    With the cache each new token costs one position through the network (keys/values of the earlier positions are
-    kept per layer); without it, every step reruns the whole prefix (the official `sample`: N full forwards)."""
-    B, T0 = prompt.shape
-    N = model.n_ctx
-    x = torch.zeros(B, N, dtype=torch.long, device=prompt.device)
-    x[:, :T0] = prompt
-    if use_cache:
-        cache = model.new_cache()
-        # prefill: positions 0..T0 (inputs: start token, x_0 .. x_{T0-1}); the last one predicts x_{T0}
-        logits = model.wtet(model.ln_f(model.forward_features(x, cache=cache, start=0, end=T0 + 1)[:, -1]))
-        for t in range(T0, N):
-            x[:, t] = draw(logits, generator, temperature)
-            if t + 1 < N:  # position t+1 reads x_t
-                h = model.forward_features(x, cache=cache, start=t + 1, end=t + 2)  # [B, 1, D]
-                logits = model.wtet(model.ln_f(h[:, -1]))
-    else:
-        for t in range(T0, N):
-            x[:, t] = draw(model.logits(x[:, : t + 1])[:, t], generator, temperature)  # x_t itself is not an input
-    return x
-
-
-@torch.no_grad()
-def save_samples(model, imgs, path, title, amp, seed=0):
-    """AR: original | quantised | top half given | two completions of the bottom half | unconditional samples.
-    BERT (no sampling order): original | quantised | tokens hidden (grey) | prediction (argmax) pasted in."""
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device=imgs.device).manual_seed(seed)
-    res, B = model.n_px, imgs.shape[0]
-    x = model.tokenize(imgs)  # [B, N]
-    original = ((to_unit_range(imgs, res) + 1) / 2).clamp(0, 1)
-    quantised = dequantize(x, model.palette, res)
-    grey = torch.full_like(quantised, 0.5)
-    with amp:
-        if model.objective == "ar":
-            half = res // 2 * res  # the top res // 2 rows
-            done = sample(model, x[:, :half].repeat(2, 1), g)  # [2B, N]
-            uncond = sample(model, x[:, :0], g)  # [B, N]
-            given = quantised.clone()
-            given[:, :, res // 2:] = 0.5
-            rows = [original, quantised, given, dequantize(done[:B], model.palette, res),
-                    dequantize(done[B:], model.palette, res), dequantize(uncond, model.palette, res)]
-            labels = ["original", "quantised", "top half", "completion 1", "completion 2", "samples"]
-            note = "completions sample the bottom half given the top; samples start from the start token (T = 1)"
-        else:
-            mask = model.bert_mask(torch.rand(B, model.n_ctx, device=imgs.device, generator=g))
-            pred = model.logits(x, mask).argmax(-1)  # [B, N]
-            m = mask.view(B, 1, res, res).float()
-            rows = [original, quantised, quantised * (1 - m) + grey * m,
-                    dequantize(torch.where(mask, pred, x), model.palette, res)]
-            labels = ["original", "quantised", "hidden (grey)", "prediction"]
-            note = f"BERT: {model.bert_mask_prob:.0%} of the tokens hidden, argmax prediction pasted in"
-    model.train(was_training)
-    save_image_grid(rows, path, f"{title}\n{note}", labels=labels)
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                     presets                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Presets by dataset scale; a flag given on the command line always wins.
+PRESETS = {
+    # `python igpt.py`: the offline demo. 16 x 16 synthetic images (256 tokens) with a 16-colour palette and a
+    # 4 x 128 decoder, 2 epochs over 4000 images: CPU-sized, the probe included; not a research recipe (the lr is
+    # raised for the short run).
+    "demo": dict(img_size=16, n_px=0, model="igpt_tiny", palette_size=16, palette_images=2000, subset=4000, epochs=2,
+                 warmup_epochs=0.2, batch_size=64, blr=3e-3, crop_min=1.0, crop_max=1.0, workers=2,
+                 eval_images=2000),
+    # CIFAR, (Fashion-)MNIST at their native 32/28 px: our choice (the paper pre-trains on ImageNet only). A 64-colour
+    # palette, an 8 x 256 decoder, whole images with flips (teddykoker/image-gpt: 16 colours and an 8 x 16 model for
+    # 28 px MNIST, lr 3e-3 at batch 64).
+    "small": dict(n_px=0, model="igpt_mini", palette_size=64, epochs=100, batch_size=64, blr=1e-3, crop_min=1.0,
+                  crop_max=1.0),
+    # STL-10 (96 px): downsampled to 32 x 32 tokens, as the paper's STL-10 probe.
+    "medium": dict(n_px=32, model="igpt_mini", palette_size=512, epochs=100, batch_size=64),
+    "imagenet": {},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -662,7 +629,7 @@ def random_init(model, run):
     return baseline
 
 
-def evaluate(model, run):
+def layer_monitors(model, run):
     """Per-layer monitors of the model and of the same model at its initialisation (same seed, same palette)."""
     cfg = run.cfg
     train_loader, num_classes = eval_split(cfg, "train", run)
@@ -686,7 +653,7 @@ def evaluate(model, run):
     return results
 
 
-def finetune(model, run, epochs):
+def finetune_joint(model, run, epochs):
     """Fine-tune a copy with the joint objective L_gen + L_clf (paper §3.6; official `--clf`): the classifier reads
     the mean over positions of ln_f(h) through a bias-free, zero-initialised `wclf`. Adam(0.9, 0.95) at a constant
     lr (paper: no cosine schedule, early stopping on held-out data; we: a fixed number of epochs, random horizontal
@@ -751,20 +718,20 @@ def finetune(model, run, epochs):
             "val_nats_per_token": round(float(counts[2] / counts[1].clamp(min=1)), 4)}
 
 
-def report(model, run):
+def report_igpt(model, run):
     """End of a run: the per-layer monitors (with the random-init baseline), the model file (palette included)
     and results.json, then the optional fine-tuning (results.json is rewritten with it)."""
     cfg = run.cfg
     results = {"method": "igpt", "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
                "n_px": cfg.res, "palette_size": model.vocab_size, "global_step": run.global_step,
-               "final_loss": run.last_loss, "eval": evaluate(model, run)}
+               "final_loss": run.last_loss, "eval": layer_monitors(model, run)}
     run.save_file(model.state_dict(), "encoder.pth")
     run.write_json("results.json", results)
     if cfg.finetune_epochs:
-        results["finetune"] = finetune(model, run, cfg.finetune_epochs)
+        results["finetune"] = finetune_joint(model, run, cfg.finetune_epochs)
         run.log(f"fine-tune: {results['finetune']}")
         if cfg.finetune_baseline:  # the same recipe from the random initialisation
-            results["finetune_random_init"] = finetune(random_init(model, run), run, cfg.finetune_epochs)
+            results["finetune_random_init"] = finetune_joint(random_init(model, run), run, cfg.finetune_epochs)
             run.log(f"fine-tune from random init: {results['finetune_random_init']}")
         run.write_json("results.json", results)
     run.log(f"wrote {run.out}/results.json and encoder.pth")
@@ -772,71 +739,96 @@ def report(model, run):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                      train                                                         #
+#                                                     sampling                                                       #
 # ---------------------------------------------------------------------------------------------------------------- #
-def main():
-    cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
-    run = Run(cfg, "igpt", preset)
-    resuming = bool(cfg.resume) and (cfg.resume != "auto" or run.ckpt_path.exists())
-    palette = None
-    if cfg.palette:
-        palette = load_palette(cfg.palette)
-        cfg.palette_size = len(palette)
-    elif not resuming:
-        palette = fit_palette(cfg, run)  # a checkpoint brings its own palette
-    data = None if cfg.eval_only else build_train_data(cfg, run.dist, crop_scale=(cfg.crop_min, cfg.crop_max),
-                                                       crop_ratio=(1.0, 1.0), interpolation="bicubic", log=run.log)
-    model = build_model(cfg).to(run.device)
-    if palette is not None:
-        model.palette.copy_(palette)
-    # Adam(0.9, 0.95) as the paper; no weight decay by default (AdamW with --weight-decay on matrices otherwise)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=True)  # one kernel per step
-    start_epoch, start_step = run.start(model, optimizer)
-    run.save_file(model.palette.detach().cpu().clone(), "palette.pt")  # reusable: --palette <out>/palette.pt
-    dim, depth, heads = model_dims(cfg.model)
-    run.log(f"iGPT {cfg.model} ({depth} x {dim}, {heads} heads), {cfg.objective}, {cfg.res} x {cfg.res} = "
-            f"{model.n_ctx} tokens, {model.vocab_size} colours: {count_params(model) / 1e6:.2f}M parameters")
-    fixed = preview_images(cfg, run.dist, cfg.n_samples) if cfg.n_samples else None  # the same images every epoch
-    t0 = time.perf_counter()
+def draw(logits, generator, temperature=1.0):
+    """One token per row from softmax(logits / T) by inverse CDF with a uniform from `generator`: the draw is a
+    function of (logits, generator state), so two samplers with the same seed and logits agree. [B, K] -> [B]."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, K]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # [B, 1]
+    return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)  # [B]
 
-    if not cfg.eval_only:
-        train_model = run.wrap(model)  # torch.compile and/or DDP
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            run.start_epoch(epoch, start_step, data.steps_per_epoch)
-            for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
-                it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, cosine_lr(it / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
-                                                 cfg.epochs))
-                update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
-                set_grad_sync(train_model, update)
-                with run.autocast():
-                    loss = training_loss(train_model, imgs, cfg, run.step_generator(it))  # nats per token
-                run.scaler.scale(loss / cfg.accum_iter).backward()
-                grad_norm = None
-                if update:
-                    run.scaler.unscale_(optimizer)
-                    if cfg.clip_grad:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    run.scaler.step(optimizer)
-                    run.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                if run.end_of_step(epoch, step, loss, lr, grad_norm):  # log, guard, checkpoint, signal, --max-steps
-                    break
-            start_step = 0
-            if run.done:
-                break
-            run.end_of_epoch(epoch)
-            if run.is_main and cfg.n_samples:
-                save_samples(model, fixed.to(run.device), run.out / f"samples_e{epoch}.png",
-                             f"iGPT {cfg.model} {cfg.objective}, epoch {epoch}, loss {run.last_loss:.3f} nats/token",
-                             run.autocast(), seed=cfg.seed)
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                run.write_log(kind="eval", epoch=epoch, **evaluate(model, run))
-        run.finish_training(time.perf_counter() - t0)
 
-    report(model, run)
+@torch.no_grad()
+def sample(model, prompt, generator, use_cache=True, temperature=1.0):
+    """Complete token sequences in raster order. prompt [B, T0] (T0 = 0: unconditional) -> tokens [B, N].
+    With the cache each new token costs one position through the network (keys/values of the earlier positions are
+    kept per layer); without it, every step reruns the whole prefix (the official `sample`: N full forwards)."""
+    B, T0 = prompt.shape
+    N = model.n_ctx
+    x = torch.zeros(B, N, dtype=torch.long, device=prompt.device)
+    x[:, :T0] = prompt
+    if use_cache:
+        cache = model.new_cache()
+        # prefill: positions 0..T0 (inputs: start token, x_0 .. x_{T0-1}); the last one predicts x_{T0}
+        logits = model.wtet(model.ln_f(model.forward_features(x, cache=cache, start=0, end=T0 + 1)[:, -1]))
+        for t in range(T0, N):
+            x[:, t] = draw(logits, generator, temperature)
+            if t + 1 < N:  # position t+1 reads x_t
+                h = model.forward_features(x, cache=cache, start=t + 1, end=t + 2)  # [B, 1, D]
+                logits = model.wtet(model.ln_f(h[:, -1]))
+    else:
+        for t in range(T0, N):
+            x[:, t] = draw(model.logits(x[:, : t + 1])[:, t], generator, temperature)  # x_t itself is not an input
+    return x
+
+
+@torch.no_grad()
+def save_samples(model, imgs, path, title, amp, seed=0):
+    """AR: original | quantised | top half given | two completions of the bottom half | unconditional samples.
+    BERT (no sampling order): original | quantised | tokens hidden (grey) | prediction (argmax) pasted in."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=imgs.device).manual_seed(seed)
+    res, B = model.n_px, imgs.shape[0]
+    x = model.tokenize(imgs)  # [B, N]
+    original = ((to_unit_range(imgs, res) + 1) / 2).clamp(0, 1)
+    quantised = dequantize(x, model.palette, res)
+    grey = torch.full_like(quantised, 0.5)
+    with amp:
+        if model.objective == "ar":
+            half = res // 2 * res  # the top res // 2 rows
+            done = sample(model, x[:, :half].repeat(2, 1), g)  # [2B, N]
+            uncond = sample(model, x[:, :0], g)  # [B, N]
+            given = quantised.clone()
+            given[:, :, res // 2:] = 0.5
+            rows = [original, quantised, given, dequantize(done[:B], model.palette, res),
+                    dequantize(done[B:], model.palette, res), dequantize(uncond, model.palette, res)]
+            labels = ["original", "quantised", "top half", "completion 1", "completion 2", "samples"]
+            note = "completions sample the bottom half given the top; samples start from the start token (T = 1)"
+        else:
+            mask = model.bert_mask(torch.rand(B, model.n_ctx, device=imgs.device, generator=g))
+            pred = model.logits(x, mask).argmax(-1)  # [B, N]
+            m = mask.view(B, 1, res, res).float()
+            rows = [original, quantised, quantised * (1 - m) + grey * m,
+                    dequantize(torch.where(mask, pred, x), model.palette, res)]
+            labels = ["original", "quantised", "hidden (grey)", "prediction"]
+            note = f"BERT: {model.bert_mask_prob:.0%} of the tokens hidden, argmax prediction pasted in"
+    model.train(was_training)
+    save_image_grid(rows, path, f"{title}\n{note}", labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  bench.py hooks                                                    #
+# ---------------------------------------------------------------------------------------------------------------- #
+def tokens_per_image(cfg):
+    """Sequence positions per image, for bench.py's tokens/s: one per pixel of the n_px x n_px grid."""
+    return cfg.res ** 2
+
+
+# bench.py compares the methods by ViT name (`--model vit_base`): iGPT's nearest paper size stands in for it, by
+# parameters (ViT-B 86 M ~ iGPT-S 76 M, ViT-L 304 M -> iGPT-M 455 M, ViT-H 632 M -> iGPT-L 1362 M); the smaller ViT
+# names stay decoders of the ViT's width and depth (tests).
+BENCH_SIZES = {"vit_base": "igpt_s", "vit_large": "igpt_m", "vit_huge": "igpt_l"}
+
+
+def bench_model(vit_name):
+    return BENCH_SIZES.get(vit_name, vit_name)
+
+
+def bench_label(cfg):
+    """bench.py's row name: the model, its token grid and the images it reads (e.g. 224-px crops -> 32 x 32)."""
+    return f"{cfg.model} {cfg.res}x{cfg.res} tokens of {cfg.img_size}px"
 
 
 if __name__ == "__main__":

@@ -11,22 +11,12 @@ Run:     python mae.py                                   # offline demo on the b
          python mae.py --data cifar10 --data-path ./data  # the small-data preset (ViT-T/2, 2000 epochs)
          python mae.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 8 mae.py --data imagenet --data-path /data/imagenet --accum-iter 8
-
-Results (2-core Intel Xeon with AMX, no GPU, torch 2.14.1, bf16 autocast; kNN / linear-probe top-1 of the cls token
-and of the mean patch token, against the same encoder at its random initialisation):
-  python mae.py  (synthetic 32 px, 12 classes, ViT-micro/4, 3 epochs; 2 min 05 s)
-    loss 0.691 -> 0.472 -> 0.438; kNN 10.0 / 12.6, linear 14.0 / 14.2 (random init 9.5 / 9.9, 14.2 / 15.7; chance 8.3)
-  Fashion-MNIST, ViT-micro/4 at 28 px, 2 x 128 decoder, 6 epochs, the command in README.md (743 s pre-training)
-    loss 1.491 -> 0.491; kNN 82.1 / 81.6, linear 84.4 / 85.5 (random init 71.3 / 67.8, 79.2 / 79.3)
-  Fine-tuning, Fashion-MNIST 10,000 images at 32 px, command (4) in README.md (2-core AMD EPYC, shared, bf16):
-    60 pre-training epochs (loss 0.339), 10 fine-tune epochs of the small-image recipe (batch 64): 87.6 % top-1,
-    from random init 80.0 %, frozen linear probe 84.9 % (mean token). With 8 pre-training epochs: 78.3 % against
-    80.7 % from random init (probe 80.0 %): too little pre-training to help (README).
-  Against facebookresearch/mae (mae_vit_base_patch16, same weights and noise, fp32): bitwise the same loss
-  (1.859743) and predictions. Speed: README.md, Performance (MAE-B 224 px, batch 8: 4.4-4.6 img/s bf16 on this CPU).
-Deviations from the official code: masks are drawn from a generator seeded by (seed, rank, step) instead of the
-global RNG, so that resume is exact; the encoder lives under `encoder.` (timm names inside it); `patchify` handles
-non-square images; the demo/small presets are not the paper's recipe (see PRESETS).
+Deviations from the official code:
+  - masks are drawn from a generator seeded by (seed, rank, step) instead of the global RNG, so that resume is exact
+  - the encoder lives under `encoder.` (timm names inside it)
+  - `patchify` handles non-square images
+  - the demo/small presets are not the paper's recipe (see PRESETS)
+Results: docs/RESULTS.md#mae
 """
 import time
 from dataclasses import dataclass
@@ -37,71 +27,9 @@ import torch.nn as nn
 from common import UserError
 from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
-from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
+from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
+                             set_lr)
 from common.vit import Block, VisionTransformer, count_params, layer_norm, sincos_pos_embed_2d, vit_kwargs
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                                      config                                                        #
-# ---------------------------------------------------------------------------------------------------------------- #
-@dataclass
-class Config(TrainConfig):
-    """Defaults = the official ImageNet recipe (PRETRAIN.md: 800/1600 epochs, batch 4096, blr 1.5e-4, warm-up 40)."""
-    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
-    norm_pix_loss: bool = True  # target = each patch normalised by its own mean/std (the released models use it)
-    decoder_dim: int = 512  # decoder width (paper: 512)
-    decoder_depth: int = 8  # decoder blocks (paper: 8)
-    decoder_heads: int = 16  # decoder attention heads (paper: 16)
-
-    def check(self):
-        super().check()
-        if not 0 < self.mask_ratio < 1:
-            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        n = (self.img_size // self.patch_size) ** 2
-        if int(n * (1 - self.mask_ratio)) < 1:
-            raise UserError(f"--mask-ratio {self.mask_ratio} leaves no visible patch out of {n}")
-        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
-            raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
-
-
-# Presets by dataset scale; a flag given on the command line always wins.
-PRESETS = {
-    # `python mae.py`: the offline demo. A CPU-sized model and schedule, chosen to finish in under 3 minutes on 2
-    # cores including the evaluation; not a research recipe (the lr is raised for the short run).
-    "demo": dict(img_size=32, patch_size=4, model="vit_micro", decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                 epochs=3, warmup_epochs=0.5, batch_size=128, blr=1.5e-3, workers=2),
-    # CIFAR-10/100, (Fashion-)MNIST at their native 32/28 px: the recipe of IcarusWizard/MAE, which takes CIFAR-10
-    # ViT-T/2 from 74.1 % (from scratch) to 89.8 % fine-tuned: ViT-T, patch 2, a 4 x 192 decoder with 3 heads,
-    # global batch 4096 (here 512 x 8 accumulation steps on one GPU), blr 1.5e-4, 2000 epochs, 200 warm-up, mask
-    # 0.75, and pixel targets without per-patch normalisation (patches of 2 x 2 x 3 = 12 values).
-    "small": dict(patch_size=2, model="vit_tiny", decoder_dim=192, decoder_depth=4, decoder_heads=3, batch_size=512,
-                  accum_iter=8, blr=1.5e-4, epochs=2000, warmup_epochs=200, norm_pix_loss=False),
-    # STL-10 (96 px): our own interpolation between the two (no published recipe): 12 x 12 patches of 8 px.
-    "medium": dict(img_size=96, patch_size=8, model="vit_small", decoder_dim=256, decoder_depth=4, decoder_heads=8,
-                   batch_size=256, accum_iter=4, epochs=800, warmup_epochs=40),
-    "imagenet": {},
-}
-
-# --finetune-epochs: one recipe per data scale, picked by the input size (evaluation.finetune_scale); the fields and
-# their meaning are FinetuneRecipe's in common/evaluation.py.
-FINETUNE = {
-    # FINETUNE.md, ViT-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1, wd 0.05,
-    # RandAugment m9 (timm rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8, cutmix 1.0 (switch 0.5), label
-    # smoothing 0.1, cosine to 1e-6 after the warm-up, no clipping.
-    "imagenet": dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, layer_decay=0.65, drop_path=0.1,
-                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    "vit_large": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.2),  # FINETUNE.md, ViT-L
-    "vit_huge": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.3),  # FINETUNE.md, ViT-H
-    # STL-10 and other 65-128 px images: our choice (no published recipe); ImageNet's, with a milder crop.
-    "medium": dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, drop_path=0.1, crop_scale=(0.2, 1.0),
-                   rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # 28-64 px images and short budgets: our choice, measured on Fashion-MNIST (README). A crop of 8 % of a 32-px image
-    # is a few pixels, and RandAugment, erasing, mixup and cutmix made 5-epoch fine-tunes worse than a linear probe;
-    # batch 64 (lr 1e-3, as at batch 256 before) gives 4x the steps of an epoch: 5 epochs on 10,000 images reached
-    # 75.8 % instead of 70.0 %.
-    "small": dict(epochs=50, warmup_epochs=5, batch_size=64, blr=4e-3, layer_decay=0.75, drop_path=0.1,
-                  crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -151,40 +79,6 @@ class MAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
 
-    def initialize_weights(self):
-        """Official `initialize_weights`: the patch conv as a Linear with xavier_uniform (its bias keeps PyTorch's
-        default), cls and mask tokens N(0, 0.02), every Linear xavier_uniform with zero bias ("following official
-        JAX ViT"), LayerNorm 1/0. The sin-cos tables were filled at construction."""
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # [D, 3, p, p] viewed as [D, 3p^2]
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)  # the fused qkv as one [3D, D] matrix, as the official code
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def patchify(self, imgs):
-        """[B, 3, H, W] -> [B, N, p*p*3]; patches row-major, values inside a patch in (row, column, channel)
-        order with the channel fastest, as the official `patchify`."""
-        B, C, H, W = imgs.shape
-        p, (h, w) = self.patch_size, self.grid_size
-        x = imgs.reshape(B, C, h, p, w, p)  # [B, 3, h, p, w, p]
-        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, h, w, p, p, 3]
-        return x.reshape(B, h * w, p * p * C)  # [B, N, p*p*3]
-
-    def unpatchify(self, x):
-        """[B, N, p*p*3] -> [B, 3, H, W], the inverse of patchify."""
-        B = x.shape[0]
-        p, (h, w) = self.patch_size, self.grid_size
-        x = x.reshape(B, h, w, p, p, 3)  # [B, h, w, p, p, 3]
-        x = torch.einsum("bhwpqc->bchpwq", x)  # [B, 3, h, p, w, p]
-        return x.reshape(B, 3, h * p, w * p)
-
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """Embed all patches (+ position), drop the masked ones, prepend cls, run the blocks on the visible tokens.
         Returns latent [B, 1+N_vis, D], mask [B, N], ids_restore [B, N]."""
@@ -224,6 +118,40 @@ class MAE(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def patchify(self, imgs):
+        """[B, 3, H, W] -> [B, N, p*p*3]; patches row-major, values inside a patch in (row, column, channel)
+        order with the channel fastest, as the official `patchify`."""
+        B, C, H, W = imgs.shape
+        p, (h, w) = self.patch_size, self.grid_size
+        x = imgs.reshape(B, C, h, p, w, p)  # [B, 3, h, p, w, p]
+        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, h, w, p, p, 3]
+        return x.reshape(B, h * w, p * p * C)  # [B, N, p*p*3]
+
+    def unpatchify(self, x):
+        """[B, N, p*p*3] -> [B, 3, H, W], the inverse of patchify."""
+        B = x.shape[0]
+        p, (h, w) = self.patch_size, self.grid_size
+        x = x.reshape(B, h, w, p, p, 3)  # [B, h, w, p, p, 3]
+        x = torch.einsum("bhwpqc->bchpwq", x)  # [B, 3, h, p, w, p]
+        return x.reshape(B, 3, h * p, w * p)
+
+    def initialize_weights(self):
+        """Official `initialize_weights`: the patch conv as a Linear with xavier_uniform (its bias keeps PyTorch's
+        default), cls and mask tokens N(0, 0.02), every Linear xavier_uniform with zero bias ("following official
+        JAX ViT"), LayerNorm 1/0. The sin-cos tables were filled at construction."""
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # [D, 3, p, p] viewed as [D, 3p^2]
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # the fused qkv as one [3D, D] matrix, as the official code
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
 
 def build_model(cfg):
     return MAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
@@ -239,30 +167,26 @@ def training_loss(model, imgs, cfg, generator):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                  visualisation                                                     #
+#                                                      config                                                        #
 # ---------------------------------------------------------------------------------------------------------------- #
-@torch.no_grad()
-def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
-    """Rows: original | masked input | reconstruction | reconstruction pasted into the visible patches.
-    With --norm-pix-loss the model predicts normalised patches; they are shown un-normalised with the mean/std
-    of the *true* patch (so colour and brightness come from the ground truth: the usual MAE visualisation)."""
-    was_training = model.training
-    model.eval()
-    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(imgs.device)
-    with amp:
-        _, pred, mask = model(imgs, mask_ratio, noise)  # pred [B, N, p*p*3], mask [B, N]
-    model.train(was_training)
-    pred = pred.float()
-    if model.norm_pix_loss:
-        target = model.patchify(imgs)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    mask_px = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * 3))  # [B, 3, H, W]
-    recon = model.unpatchify(pred)
-    rows = [denormalize(imgs), denormalize(imgs) * (1 - mask_px) + 0.5 * mask_px, denormalize(recon),
-            denormalize(imgs * (1 - mask_px) + recon * mask_px)]
-    note = ("norm-pix target: patches un-normalised with the true patch mean/std" if model.norm_pix_loss
-            else "pixel target (ImageNet-normalised), shown as predicted")
-    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "reconstruction", "pasted"])
+@dataclass
+class Config(TrainConfig):
+    """Defaults = the official ImageNet recipe (PRETRAIN.md: 800/1600 epochs, batch 4096, blr 1.5e-4, warm-up 40)."""
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    norm_pix_loss: bool = True  # target = each patch normalised by its own mean/std (the released models use it)
+    decoder_dim: int = 512  # decoder width (paper: 512)
+    decoder_depth: int = 8  # decoder blocks (paper: 8)
+    decoder_heads: int = 16  # decoder attention heads (paper: 16)
+
+    def check(self):
+        super().check()
+        if not 0 < self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        n = (self.img_size // self.patch_size) ** 2
+        if int(n * (1 - self.mask_ratio)) < 1:
+            raise UserError(f"--mask-ratio {self.mask_ratio} leaves no visible patch out of {n}")
+        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
+            raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -270,13 +194,14 @@ def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
 # ---------------------------------------------------------------------------------------------------------------- #
 def main():
     cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
-    run = Run(cfg, "mae", preset)
+    run = Run(cfg, "mae", preset)  # devices, processes, --out; resolves cfg.out, cfg.compile, a preset's accum_iter
     data = None if cfg.eval_only else build_train_data(cfg, run.dist, crop_scale=(0.2, 1.0), interpolation="bicubic",
                                                        log=run.log)
     model = build_model(cfg).to(run.device)
+    cfg.lr = scaled_lr(cfg, run.global_batch)  # lr = blr x global batch / 256 (the official linear scaling rule)
     # AdamW(0.9, 0.95), wd 0.05 except biases and norms (cls and mask token *are* decayed, as officially)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=True)  # one kernel per step (7x faster than foreach on our CPU)
+                                  fused=True)  # one kernel per step, faster than foreach
     start_epoch, start_step = run.start(model, optimizer)
     run.log(f"MAE {cfg.model}/{cfg.patch_size} at {cfg.img_size}px: {count_params(model) / 1e6:.2f}M trainable "
             f"parameters ({count_params(model.encoder) / 1e6:.2f}M encoder)")
@@ -305,11 +230,17 @@ def main():
                     run.scaler.step(optimizer)
                     run.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                if run.end_of_step(epoch, step, loss, lr, grad_norm):  # log, guard, checkpoint, signal, --max-steps
+                run.log_step(epoch, step, loss, lr, grad_norm)  # progress bar, non-finite guard, --log-every line
+                if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
+                    run.save_checkpoint(epoch, step + 1)
+                    run.exit_if_preempted()  # a stop signal ends the process here; --resume auto continues
                     break
+                if run.should_checkpoint(step):  # every --ckpt-every-steps
+                    run.save_checkpoint(epoch, step + 1)
             start_step = 0
             if not run.done:  # (--max-steps ends mid-epoch: no epoch summary, but the grid of where it stopped)
-                run.end_of_epoch(epoch)
+                run.log_epoch(epoch)
+                run.save_checkpoint(epoch + 1, 0)
             if run.is_main:
                 save_reconstruction(model, fixed.to(run.device), cfg.mask_ratio, run.out / f"recon_e{epoch}.png",
                                     f"MAE {cfg.model} epoch {epoch}, mask ratio {cfg.mask_ratio}", run.autocast())
@@ -320,6 +251,74 @@ def main():
         run.finish_training(time.perf_counter() - t0)
 
     report("mae", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                          presets and fine-tune recipes                                             #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Presets by dataset scale; a flag given on the command line always wins.
+PRESETS = {
+    # `python mae.py`: the offline demo. A CPU-sized model and schedule for a run of minutes, evaluation included;
+    # not a research recipe (the lr is raised for the short run).
+    "demo": dict(img_size=32, patch_size=4, model="vit_micro", decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                 epochs=3, warmup_epochs=0.5, batch_size=128, blr=1.5e-3, workers=2),
+    # CIFAR-10/100, (Fashion-)MNIST at their native 32/28 px: the recipe of IcarusWizard/MAE for CIFAR-10: ViT-T,
+    # patch 2, a 4 x 192 decoder with 3 heads, global batch 4096 (here 512 x 8 accumulation steps on one GPU), blr
+    # 1.5e-4, 2000 epochs, 200 warm-up, mask 0.75, and pixel targets without per-patch normalisation (patches of
+    # 2 x 2 x 3 = 12 values).
+    "small": dict(patch_size=2, model="vit_tiny", decoder_dim=192, decoder_depth=4, decoder_heads=3, batch_size=512,
+                  accum_iter=8, blr=1.5e-4, epochs=2000, warmup_epochs=200, norm_pix_loss=False),
+    # STL-10 (96 px): our own interpolation between the two (no published recipe): 12 x 12 patches of 8 px.
+    "medium": dict(img_size=96, patch_size=8, model="vit_small", decoder_dim=256, decoder_depth=4, decoder_heads=8,
+                   batch_size=256, accum_iter=4, epochs=800, warmup_epochs=40),
+    "imagenet": {},
+}
+
+# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+FINETUNE = {
+    # FINETUNE.md, ViT-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1, wd 0.05,
+    # RandAugment m9 (timm rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8, cutmix 1.0 (switch 0.5), label
+    # smoothing 0.1, cosine to 1e-6 after the warm-up, no clipping.
+    "imagenet": dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, layer_decay=0.65, drop_path=0.1,
+                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    "vit_large": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.2),  # FINETUNE.md, ViT-L
+    "vit_huge": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.3),  # FINETUNE.md, ViT-H
+    # STL-10 and other 65-128 px images: our choice (no published recipe); ImageNet's, with a milder crop.
+    "medium": dict(epochs=100, warmup_epochs=5, blr=5e-4, layer_decay=0.65, drop_path=0.1, crop_scale=(0.2, 1.0),
+                   rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # 28-64 px images: our choice for short runs on small images. A milder crop (8 % of a 32-px image is a few
+    # pixels), no RandAugment, erasing, mixup or cutmix, and batch 64 for 4x the steps of an epoch, at lr 1e-3 (blr
+    # 4e-3 x 64 / 256).
+    "small": dict(epochs=50, warmup_epochs=5, batch_size=64, blr=4e-3, layer_decay=0.75, drop_path=0.1,
+                  crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  visualisation                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+@torch.no_grad()
+def save_reconstruction(model, imgs, mask_ratio, path, title, amp):
+    """Rows: original | masked input | reconstruction | reconstruction pasted into the visible patches.
+    With --norm-pix-loss the model predicts normalised patches; they are shown un-normalised with the mean/std
+    of the *true* patch (so colour and brightness come from the ground truth: the usual MAE visualisation)."""
+    was_training = model.training
+    model.eval()
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(imgs.device)
+    with amp:
+        _, pred, mask = model(imgs, mask_ratio, noise)  # pred [B, N, p*p*3], mask [B, N]
+    model.train(was_training)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    mask_px = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * 3))  # [B, 3, H, W]
+    recon = model.unpatchify(pred)
+    rows = [denormalize(imgs), denormalize(imgs) * (1 - mask_px) + 0.5 * mask_px, denormalize(recon),
+            denormalize(imgs * (1 - mask_px) + recon * mask_px)]
+    note = ("norm-pix target: patches un-normalised with the true patch mean/std" if model.norm_pix_loss
+            else "pixel target (ImageNet-normalised), shown as predicted")
+    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "reconstruction", "pasted"])
 
 
 if __name__ == "__main__":

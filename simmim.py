@@ -14,23 +14,12 @@ Run:     python simmim.py                                   # offline demo on th
          python simmim.py --data cifar10 --data-path ./data  # the small-data preset (ViT-T/2 at 32 px, mask unit 4)
          python simmim.py --data imagenet --data-path /data/imagenet --model vit_base
          torchrun --nproc_per_node 16 simmim.py --data imagenet --data-path /data/imagenet  # official: 16 x 128
-
-Results (2-core Intel Xeon with AMX, no GPU, torch 2.14.1, bf16 autocast; kNN / linear-probe top-1 of the cls token
-and of the mean patch token, against the same encoder at its random initialisation):
-  python simmim.py  (synthetic 32 px, 12 classes, ViT-micro/4, mask unit 8, 2 epochs; 2 min 41 s)
-    loss 0.692 -> 0.520; kNN 7.0 / 8.4, linear 10.4 / 10.0 (random init 12.5 / 8.7, 12.5 / 9.5; chance 8.3): two
-    epochs do not give probe-able features
-  Fashion-MNIST, ViT-micro/4 at 32 px, mask unit 8, 3 epochs, the command in README.md (1058 s pre-training)
-    loss 1.034 -> 0.751 -> 0.666; kNN 56.1 / 61.2, linear 61.5 / 66.9 (random init 53.6 / 52.6, 59.8 / 51.6)
-  Fine-tuning, Fashion-MNIST 10,000 images at 32 px, 8 epochs, command (5) in README.md (2-core AMD EPYC, shared):
-    10 epochs of the small-image recipe (batch 64): 72.4 % top-1, from random init 68.2 % (frozen linear probe:
-    58.1 %); 5 epochs at batch 256: 49.1 % (random init 43.0 %)
-  Speed: README.md, Performance (SimMIM ViT-B 224 px, batch 8: 2.7-2.9 img/s bf16 on this CPU).
-Deviations from the official code: masks are drawn on the training device from a generator seeded by (seed, rank,
-step) instead of with numpy in the data workers (same distribution, and resume is exact); the mask token lives beside
-the encoder rather than inside it, so that `encoder.pth` loads into timm with strict=True; the fine-tune keeps the
-shared relative position table (official: copies it into every block first; see FINETUNE);
-the demo/small/medium presets are not the paper's recipe (see PRESETS).
+Deviations from the official code:
+  - masks are drawn on the device from a (seed, rank, step) generator (official: numpy in the workers; exact resume)
+  - the mask token lives beside the encoder, not inside it, so that `encoder.pth` loads into timm with strict=True
+  - the fine-tune keeps the shared relative position table (official: copies it into every block first; see FINETUNE)
+  - the demo/small/medium presets are not the paper's recipe (see PRESETS)
+Results: docs/RESULTS.md#simmim
 """
 import math
 import time
@@ -43,99 +32,9 @@ import torch.nn as nn
 from common import UserError
 from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
-from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
+from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
+                             set_lr)
 from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                                      config                                                        #
-# ---------------------------------------------------------------------------------------------------------------- #
-@dataclass
-class Config(TrainConfig):
-    """Defaults = the official ViT-B recipe (configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml:
-    800 epochs, 16 GPUs x 128 = batch 2048, base lr 1e-4 per 512, warm-up 10 epochs from 5e-7, x0.1 at epoch 700).
-    The paper's ViT-B setting differs in base lr, warm-up and schedule (SimMIM#16); its Swin ablations use lr 8e-4
-    at batch 2048 with a cosine schedule (`--sched cosine`)."""
-    lr_batch_div: typing.ClassVar[int] = 512  # official: lr = BASE_LR x global batch / 512 (MAE and BEiT use 256)
-
-    batch_size: int = 128  # images per process per step (official: 128 per GPU on 16 GPUs)
-    blr: float = 1e-4  # base learning rate, scaled by global batch / 512 (official BASE_LR)
-    warmup_epochs: float = 10  # linear warm-up from --warmup-lr to the peak, in (fractional) epochs
-    warmup_lr: typing.Optional[float] = None  # first warm-up lr (default: official WARMUP_LR 5e-7 x global batch / 512)
-    sched: str = "multistep"  # after warm-up: multistep (official ViT-B: x0.1 at --lr-step-at) or cosine (Swin)
-    lr_step_at: float = 0.875  # multistep: lr x 0.1 from this fraction of --epochs on (official: epoch 700 of 800)
-    clip_grad: typing.Optional[float] = 5.0  # clip the global gradient norm to this (official TRAIN.CLIP_GRAD)
-    mask_patch_size: int = 32  # side of a mask unit in pixels; a multiple of --patch-size that divides --img-size
-    mask_ratio: float = 0.6  # fraction of mask units hidden (rounded up: ceil(units x ratio), exact for every image)
-    drop_path: float = 0.1  # stochastic depth of the last block, linear from 0 (official ViT-B: 0.1)
-    layer_scale: float = 0.1  # initial value of the per-channel block gains gamma_1, gamma_2 (official INIT_VALUES)
-
-    def check(self):
-        super().check()
-        if not 0 < self.mask_ratio < 1:
-            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.mask_patch_size <= 0 or self.mask_patch_size % self.patch_size:
-            raise UserError(f"--mask-patch-size {self.mask_patch_size} must be a positive multiple of --patch-size "
-                            f"{self.patch_size} (a mask unit covers whole patches)")
-        if self.img_size % self.mask_patch_size:
-            raise UserError(f"--img-size {self.img_size} is not divisible by --mask-patch-size {self.mask_patch_size}")
-        if self.sched not in ("multistep", "cosine"):
-            raise UserError(f"unknown --sched {self.sched!r}; choose multistep or cosine")
-        if not 0 < self.lr_step_at <= 1:
-            raise UserError(f"--lr-step-at must be in (0, 1], got {self.lr_step_at}")
-        if self.sched == "multistep" and self.warmup_epochs > self.lr_step_at * self.epochs:
-            raise UserError(f"the warm-up ({self.warmup_epochs} epochs) must end before the lr step at epoch "
-                            f"{self.lr_step_at * self.epochs:g}")  # the official scheduler asserts this too
-        if self.warmup_lr is not None and self.warmup_lr < 0:
-            raise UserError("--warmup-lr must not be negative")
-        if not 0 <= self.drop_path < 1:
-            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
-
-
-# Presets by dataset scale; a flag given on the command line always wins. Each keeps the structure of the ImageNet
-# masking (mask units of 2 x 2 patches, ~60 % of them hidden); only the demo's 8 x 8 token grid is coarser than 14 x 14.
-PRESETS = {
-    # `python simmim.py`: the offline demo. A CPU-sized model and schedule, chosen to finish in ~3 minutes on 2 cores
-    # including the evaluation; not a research recipe. 32 px, patch 4, mask unit 8: an 8 x 8 token grid of 4 x 4
-    # units (10 of 16 hidden). The encoder sees all 65 tokens (MAE's: 17), so a step costs about twice MAE's at the
-    # same model and batch, hence only 2 epochs; the lr is raised for the short run (1e-3 at batch 128).
-    "demo": dict(img_size=32, patch_size=4, mask_patch_size=8, model="vit_micro", batch_size=128, epochs=2,
-                 warmup_epochs=0.5, blr=4e-3, workers=2),
-    # CIFAR-10/100, (Fashion-)MNIST, at 32 px (MNIST's 28 px are resized to 32): our choice, there is no published
-    # SimMIM recipe at this scale. Patch 2 and mask unit 4 give a 16 x 16 token grid of 8 x 8 units of 2 x 2 tokens
-    # (39 of 64 hidden), the shape of ImageNet's 14 x 14 tokens in 7 x 7 units; ViT-T; the official schedule and
-    # global batch 2048 (512 x 4 accumulation steps on one GPU), i.e. lr 4e-4 as on ImageNet.
-    "small": dict(img_size=32, patch_size=2, mask_patch_size=4, model="vit_tiny", batch_size=512, accum_iter=4),
-    # STL-10 (96 px): our choice as well. Patch 8 and mask unit 16: 12 x 12 tokens in 6 x 6 units (22 of 36 hidden);
-    # ViT-S, global batch 2048 (256 x 8).
-    "medium": dict(img_size=96, patch_size=8, mask_patch_size=16, model="vit_small", batch_size=256, accum_iter=8),
-    "imagenet": {},
-}
-
-# --finetune-epochs: one recipe per data scale, picked by the input size (evaluation.finetune_scale); the fields are
-# FinetuneRecipe's in common/evaluation.py.
-FINETUNE = {
-    # official configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml + config.py: 100 epochs, 20 of
-    # them warm-up from 2.5e-7, base lr 1.25e-3 per 512 images, timm's cosine over all steps (warm-up included) to
-    # 2.5e-7 (warm-up and min lr scaled by batch / 512 too), the lr updated after each step, layer decay 0.65, drop
-    # path 0.1, wd 0.05, clip 5.0; augmentation as MAE's (rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8, cutmix 1.0,
-    # smoothing 0.1; its colour jitter 0.4 is unused: timm applies it only without RandAugment). official: head
-    # init trunc_normal(0.02) x 0.001 and the shared relative position table copied into every block; we: the same
-    # std (2e-5) and the shared table kept.
-    "imagenet": dict(epochs=100, warmup_epochs=20, blr=1.25e-3, lr_batch_div=512, warmup_lr=2.5e-7, min_lr=2.5e-7,
-                     scale_floor=True, schedule="timm", layer_decay=0.65, drop_path=0.1, clip_grad=5.0,
-                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # STL-10 and other 65-128 px images: our choice; the ImageNet recipe with a milder crop.
-    "medium": dict(epochs=100, warmup_epochs=20, blr=1.25e-3, lr_batch_div=512, warmup_lr=2.5e-7, min_lr=2.5e-7,
-                   scale_floor=True, schedule="timm", layer_decay=0.65, drop_path=0.1, clip_grad=5.0,
-                   crop_scale=(0.2, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # 28-64 px images and short budgets: our choice, measured on Fashion-MNIST (README): SimMIM's schedule and
-    # clipping, a 10 % warm-up, a milder crop, no RandAugment / erasing / mixup / cutmix; batch 64 for 4x the steps of
-    # an epoch, at the lr of batch 256 before (1e-3), as MAE's small recipe (measured there).
-    "small": dict(epochs=50, warmup_epochs=5, batch_size=64, blr=8e-3, lr_batch_div=512, warmup_lr=2.5e-7,
-                  min_lr=2.5e-7, scale_floor=True, schedule="timm", layer_decay=0.75, drop_path=0.1, clip_grad=5.0,
-                  crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -194,13 +93,6 @@ class SimMIM(nn.Module):
         self.decoder = nn.Sequential(nn.Conv2d(dim, patch_size ** 2 * 3, kernel_size=1), nn.PixelShuffle(patch_size))
         self.initialize_weights()
 
-    def initialize_weights(self):
-        """The official pre-training init of the encoder (`init_beit_style`, shared with BEiT: cls token, trunc-normal
-        0.02 at +-1 sigma, the 1/sqrt(2 l) rescale), then the mask token, trunc-normal too; the decoder keeps
-        PyTorch's default init (the official `_init_weights` never reaches it)."""
-        init_beit_style(self.encoder)
-        trunc_normal_sigma(self.mask_token)
-
     def forward_encoder(self, imgs, mask):
         """Patch embeddings, hidden ones replaced by the mask token, cls prepended, all tokens through the blocks.
         imgs [B, 3, H, W], mask [B, N] (1 = masked) -> feature map [B, D, h, w] (cls dropped)."""
@@ -231,6 +123,13 @@ class SimMIM(nn.Module):
         x_rec = self.decoder(self.forward_encoder(imgs, mask))  # [B, D, h, w] -> [B, p*p*3, h, w] -> [B, 3, H, W]
         return self.forward_loss(imgs, x_rec, mask), x_rec
 
+    def initialize_weights(self):
+        """The official pre-training init of the encoder (`init_beit_style`, shared with BEiT: cls token, trunc-normal
+        0.02 at +-1 sigma, the 1/sqrt(2 l) rescale), then the mask token, trunc-normal too; the decoder keeps
+        PyTorch's default init (the official `_init_weights` never reaches it)."""
+        init_beit_style(self.encoder)
+        trunc_normal_sigma(self.mask_token)
+
 
 def build_model(cfg):
     return SimMIM(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.layer_scale)
@@ -242,6 +141,51 @@ def training_loss(model, imgs, cfg, generator):
     masks = MaskGenerator(cfg.img_size, cfg.mask_patch_size, cfg.patch_size, cfg.mask_ratio)
     loss, _ = model(imgs, masks(imgs.shape[0], generator, imgs.device))
     return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      config                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+@dataclass
+class Config(TrainConfig):
+    """Defaults = the official ViT-B recipe (configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml:
+    800 epochs, 16 GPUs x 128 = batch 2048, base lr 1e-4 per 512, warm-up 10 epochs from 5e-7, x0.1 at epoch 700).
+    The paper's ViT-B setting differs in base lr, warm-up and schedule; its Swin ablations use lr 8e-4 at batch 2048
+    with a cosine schedule (`--sched cosine`)."""
+    lr_batch_div: typing.ClassVar[int] = 512  # official: lr = BASE_LR x global batch / 512 (MAE and BEiT use 256)
+
+    batch_size: int = 128  # images per process per step (official: 128 per GPU on 16 GPUs)
+    blr: float = 1e-4  # base learning rate, scaled by global batch / 512 (official BASE_LR)
+    warmup_epochs: float = 10  # linear warm-up from --warmup-lr to the peak, in (fractional) epochs
+    warmup_lr: typing.Optional[float] = None  # first warm-up lr (default: official WARMUP_LR 5e-7 x global batch / 512)
+    sched: str = "multistep"  # after warm-up: multistep (official ViT-B: x0.1 at --lr-step-at) or cosine (Swin)
+    lr_step_at: float = 0.875  # multistep: lr x 0.1 from this fraction of --epochs on (official: epoch 700 of 800)
+    clip_grad: typing.Optional[float] = 5.0  # clip the global gradient norm to this (official TRAIN.CLIP_GRAD)
+    mask_patch_size: int = 32  # side of a mask unit in pixels; a multiple of --patch-size that divides --img-size
+    mask_ratio: float = 0.6  # fraction of mask units hidden (rounded up: ceil(units x ratio), exact for every image)
+    drop_path: float = 0.1  # stochastic depth of the last block, linear from 0 (official ViT-B: 0.1)
+    layer_scale: float = 0.1  # initial value of the per-channel block gains gamma_1, gamma_2 (official INIT_VALUES)
+
+    def check(self):
+        super().check()
+        if not 0 < self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_patch_size <= 0 or self.mask_patch_size % self.patch_size:
+            raise UserError(f"--mask-patch-size {self.mask_patch_size} must be a positive multiple of --patch-size "
+                            f"{self.patch_size} (a mask unit covers whole patches)")
+        if self.img_size % self.mask_patch_size:
+            raise UserError(f"--img-size {self.img_size} is not divisible by --mask-patch-size {self.mask_patch_size}")
+        if self.sched not in ("multistep", "cosine"):
+            raise UserError(f"unknown --sched {self.sched!r}; choose multistep or cosine")
+        if not 0 < self.lr_step_at <= 1:
+            raise UserError(f"--lr-step-at must be in (0, 1], got {self.lr_step_at}")
+        if self.sched == "multistep" and self.warmup_epochs > self.lr_step_at * self.epochs:
+            raise UserError(f"the warm-up ({self.warmup_epochs} epochs) must end before the lr step at epoch "
+                            f"{self.lr_step_at * self.epochs:g}")  # the official scheduler asserts this too
+        if self.warmup_lr is not None and self.warmup_lr < 0:
+            raise UserError("--warmup-lr must not be negative")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -263,42 +207,21 @@ def simmim_lr(epoch, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                  visualisation                                                     #
-# ---------------------------------------------------------------------------------------------------------------- #
-@torch.no_grad()
-def save_reconstruction(model, imgs, cfg, path, title, amp):
-    """Rows: original | masked input | prediction (every pixel) | prediction pasted into the visible pixels.
-    The target is the ImageNet-normalised image itself (no per-patch normalisation), so un-normalising the
-    prediction with the dataset mean/std is exact. The same masks every epoch (seed 0)."""
-    was_training = model.training
-    model.eval()
-    masks = MaskGenerator(cfg.img_size, cfg.mask_patch_size, cfg.patch_size, cfg.mask_ratio)
-    mask = masks(imgs.shape[0], torch.Generator().manual_seed(0)).to(imgs.device)  # [B, N]
-    with amp:
-        _, x_rec = model(imgs, mask)  # [B, 3, H, W]
-    model.train(was_training)
-    m = model.pixel_mask(mask)  # [B, 1, H, W]
-    rows = [denormalize(imgs), denormalize(imgs) * (1 - m) + 0.5 * m, denormalize(x_rec),
-            denormalize(imgs * (1 - m) + x_rec.float() * m)]
-    note = "target = the normalised input (no per-patch norm): prediction un-normalised exactly; loss on grey only"
-    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "prediction", "pasted"])
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
 #                                                      train                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
 def main():
     cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
-    run = Run(cfg, "simmim", preset)  # sets cfg.lr = blr x global batch / 512
-    if cfg.warmup_lr is None:  # official: WARMUP_LR 5e-7, scaled like the lr
-        cfg.warmup_lr = 5e-7 * run.global_batch / cfg.lr_batch_div
+    run = Run(cfg, "simmim", preset)  # devices, processes, --out; resolves cfg.out, cfg.compile, a preset's accum_iter
     data = None if cfg.eval_only else build_train_data(cfg, run.dist, crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3),
                                                        interpolation="bilinear", log=run.log)  # torchvision default
     model = build_model(cfg).to(run.device)
+    cfg.lr = scaled_lr(cfg, run.global_batch)  # lr = blr x global batch / 512 (the official scaling rule)
+    if cfg.warmup_lr is None:  # official: WARMUP_LR 5e-7, scaled like the lr
+        cfg.warmup_lr = 5e-7 * run.global_batch / cfg.lr_batch_div
     # AdamW(0.9, 0.999), wd 0.05 except 1-D parameters, biases and the official `no_weight_decay` (cls token; there
     # is no pos_embed); the mask token and the relative position table *are* decayed, as officially
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, no_decay=("encoder.cls_token",)), lr=cfg.lr,
-                                  betas=(0.9, 0.999), fused=True)  # one kernel per step (faster on CPU too)
+                                  betas=(0.9, 0.999), fused=True)  # one kernel per step, faster than foreach
     start_epoch, start_step = run.start(model, optimizer)
     masks = MaskGenerator(cfg.img_size, cfg.mask_patch_size, cfg.patch_size, cfg.mask_ratio)
     run.log(f"SimMIM {cfg.model}/{cfg.patch_size} at {cfg.img_size}px: {count_params(model) / 1e6:.2f}M trainable "
@@ -328,11 +251,17 @@ def main():
                     run.scaler.step(optimizer)
                     run.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                if run.end_of_step(epoch, step, loss, lr, grad_norm):  # log, guard, checkpoint, signal, --max-steps
+                run.log_step(epoch, step, loss, lr, grad_norm)  # progress bar, non-finite guard, --log-every line
+                if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
+                    run.save_checkpoint(epoch, step + 1)
+                    run.exit_if_preempted()  # a stop signal ends the process here; --resume auto continues
                     break
+                if run.should_checkpoint(step):  # every --ckpt-every-steps
+                    run.save_checkpoint(epoch, step + 1)
             start_step = 0
             if not run.done:  # (--max-steps ends mid-epoch: no epoch summary, but the grid of where it stopped)
-                run.end_of_epoch(epoch)
+                run.log_epoch(epoch)
+                run.save_checkpoint(epoch + 1, 0)
             if run.is_main:
                 save_reconstruction(model, fixed.to(run.device), cfg, run.out / f"recon_e{epoch}.png",
                                     f"SimMIM {cfg.model} epoch {epoch}, {masks.mask_count}/{masks.num_units} units of "
@@ -344,6 +273,76 @@ def main():
         run.finish_training(time.perf_counter() - t0)
 
     report("simmim", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                          presets and fine-tune recipes                                             #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Presets by dataset scale; a flag given on the command line always wins. Each keeps the structure of the ImageNet
+# masking (mask units of 2 x 2 patches, ~60 % of them hidden); only the demo's 8 x 8 token grid is coarser than 14 x 14.
+PRESETS = {
+    # `python simmim.py`: the offline demo. A CPU-sized model and schedule for a run of minutes, evaluation
+    # included; not a research recipe. 32 px, patch 4, mask unit 8: an 8 x 8 token grid of 4 x 4 units (10 of 16
+    # hidden). The encoder sees all 65 tokens (MAE's: 17), so a step costs more than MAE's at the same model and
+    # batch, hence only 2 epochs; the lr is raised for the short run (1e-3 at batch 128).
+    "demo": dict(img_size=32, patch_size=4, mask_patch_size=8, model="vit_micro", batch_size=128, epochs=2,
+                 warmup_epochs=0.5, blr=4e-3, workers=2),
+    # CIFAR-10/100, (Fashion-)MNIST, at 32 px (MNIST's 28 px are resized to 32): our choice, there is no published
+    # SimMIM recipe at this scale. Patch 2 and mask unit 4 give a 16 x 16 token grid of 8 x 8 units of 2 x 2 tokens
+    # (39 of 64 hidden), the shape of ImageNet's 14 x 14 tokens in 7 x 7 units; ViT-T; the official schedule and
+    # global batch 2048 (512 x 4 accumulation steps on one GPU), i.e. lr 4e-4 as on ImageNet.
+    "small": dict(img_size=32, patch_size=2, mask_patch_size=4, model="vit_tiny", batch_size=512, accum_iter=4),
+    # STL-10 (96 px): our choice as well. Patch 8 and mask unit 16: 12 x 12 tokens in 6 x 6 units (22 of 36 hidden);
+    # ViT-S, global batch 2048 (256 x 8).
+    "medium": dict(img_size=96, patch_size=8, mask_patch_size=16, model="vit_small", batch_size=256, accum_iter=8),
+    "imagenet": {},
+}
+
+# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+FINETUNE = {
+    # official configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml + config.py: 100 epochs, 20 of
+    # them warm-up from 2.5e-7, base lr 1.25e-3 per 512 images, timm's cosine over all steps (warm-up included) to
+    # 2.5e-7 (warm-up and min lr scaled by batch / 512 too), the lr updated after each step, layer decay 0.65, drop
+    # path 0.1, wd 0.05, clip 5.0; augmentation as MAE's (rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8, cutmix 1.0,
+    # smoothing 0.1; its colour jitter 0.4 is unused: timm applies it only without RandAugment). official: head
+    # init trunc_normal(0.02) x 0.001 and the shared relative position table copied into every block; we: the same
+    # std (2e-5) and the shared table kept.
+    "imagenet": dict(epochs=100, warmup_epochs=20, blr=1.25e-3, lr_batch_div=512, warmup_lr=2.5e-7, min_lr=2.5e-7,
+                     scale_floor=True, schedule="timm", layer_decay=0.65, drop_path=0.1, clip_grad=5.0,
+                     crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # STL-10 and other 65-128 px images: our choice; the ImageNet recipe with a milder crop.
+    "medium": dict(epochs=100, warmup_epochs=20, blr=1.25e-3, lr_batch_div=512, warmup_lr=2.5e-7, min_lr=2.5e-7,
+                   scale_floor=True, schedule="timm", layer_decay=0.65, drop_path=0.1, clip_grad=5.0,
+                   crop_scale=(0.2, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # 28-64 px images: our choice for short runs on small images: SimMIM's schedule and clipping, a 10 % warm-up, a
+    # milder crop, no RandAugment / erasing / mixup / cutmix; batch 64 for 4x the steps of an epoch, at lr 1e-3
+    # (blr 8e-3 x 64 / 512), as MAE's small recipe.
+    "small": dict(epochs=50, warmup_epochs=5, batch_size=64, blr=8e-3, lr_batch_div=512, warmup_lr=2.5e-7,
+                  min_lr=2.5e-7, scale_floor=True, schedule="timm", layer_decay=0.75, drop_path=0.1, clip_grad=5.0,
+                  crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  visualisation                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+@torch.no_grad()
+def save_reconstruction(model, imgs, cfg, path, title, amp):
+    """Rows: original | masked input | prediction (every pixel) | prediction pasted into the visible pixels.
+    The target is the ImageNet-normalised image itself (no per-patch normalisation), so un-normalising the
+    prediction with the dataset mean/std is exact. The same masks every epoch (seed 0)."""
+    was_training = model.training
+    model.eval()
+    masks = MaskGenerator(cfg.img_size, cfg.mask_patch_size, cfg.patch_size, cfg.mask_ratio)
+    mask = masks(imgs.shape[0], torch.Generator().manual_seed(0)).to(imgs.device)  # [B, N]
+    with amp:
+        _, x_rec = model(imgs, mask)  # [B, 3, H, W]
+    model.train(was_training)
+    m = model.pixel_mask(mask)  # [B, 1, H, W]
+    rows = [denormalize(imgs), denormalize(imgs) * (1 - m) + 0.5 * m, denormalize(x_rec),
+            denormalize(imgs * (1 - m) + x_rec.float() * m)]
+    note = "target = the normalised input (no per-patch norm): prediction un-normalised exactly; loss on grey only"
+    save_image_grid(rows, path, f"{title}\n{note}", labels=["original", "masked", "prediction", "pasted"])
 
 
 if __name__ == "__main__":

@@ -13,44 +13,27 @@ embedding of one corrupted view must pick the teacher's embedding of the other v
 teacher's embeddings of the other images (MoCo-v3-style InfoNCE, tau 0.2, x 2 tau, negatives gathered across GPUs).
 Total = contrastive + lambda x reconstruction (lambda 1 on ImageNet, 5 on small datasets: the method was built to
 pre-train transformers on small data). The encoder (cls token, learned position embedding) is then fine-tuned.
-
-This is the current official method (repository HEAD, paper v3). SiT v1 (April 2021) was another method: it had no
-teacher, predicted the *rotation* of each view (4-way, from a second extra token), used a SimCLR NT-Xent loss
-(tau 0.5, head Linear(D, 512)) on a third token, reconstructed with only a transposed convolution and an L1 loss over
-the *whole* image, corrupted with grey and blurred patches plus noise and replacement blocks of 5-25 % of the side,
-and weighted the three losses with learned uncertainties. HEAD has one cls token, no rotation task, an EMA teacher,
-the 4096-wide BatchNorm projection head below, and the loss on the corrupted pixels only.
+This is the official repository's HEAD (paper v3). SiT v1 (April 2021) was another method: no teacher, a 4-way
+rotation task and a SimCLR NT-Xent loss (tau 0.5) on extra tokens, L1 over the whole image with grey, blurred, noise
+and replacement patches, and the three losses weighted by learned uncertainties.
 
 Run:     python sit.py                                   # offline demo on the built-in synthetic set
          python sit.py --data cifar10 --data-path ./data  # the small-data preset (ViT-T/2, lambda 5)
          python sit.py --data imagenet --data-path /data/imagenet --model vit_small
          torchrun --nproc_per_node 4 sit.py --data imagenet --data-path /data/imagenet --batch-size 64  # official run
 
-Results (2-core AMD EPYC, AVX2 only, no GPU, torch 2.14.1, fp32; the machine was shared, load 5-10):
-  Against Sara-Ahmed/SiT HEAD 7f22e9c (its FullPipline, CLSHead, RECHead, SimCLR and loss lines; weights copied in,
-  the same clean and corrupted batch, ViT-T/16 at 224 px, 8 images x 2 views, fp32): loss 5.6646757 (official) vs
-  5.6646762, contrastive |diff| 6.0e-7, reconstruction bitwise equal, gradients within 8.7e-6 relative (one vector).
-  Trainable parameters equal the official ones (ViT-S: 41,827,587 = 21,665,664 encoder + 19,423,488 contrastive head
-  + 738,435 reconstruction head; tested for T/S/B). The official sampler (GMML_drop_rand_patches + GMML_replace_list
-  on CPU) against ours over 2048 images at 224 px: P(replace) 0.511 vs 0.491; drop area mean 0.5112 vs 0.5103 (std
-  0.0105 vs 0.0096), replace area 0.3144 vs 0.3133 (KS p 0.15, 0.06); blocks per image 40.2 vs 39.8; block sides
-  mean 30.3 vs 30.5 px over 1-66 px (KS p 0.79); aligned to 16 px and at 32 px likewise (KS p 0.14-1.0).
-  python sit.py  (synthetic 32 px, 12 classes, ViT-micro/4, 2000 images, 3 epochs, batch 64; 4 min 05 s wall on the
-  same CPU quiet, 2 threads, 7.9 CPU-min; the same numbers as at load 5-10, where it took 50 min 40 s)
-    loss 7.862 -> 6.341 -> 5.697 (reconstruction 0.975 -> 0.683 -> 0.564, contrastive 2.99 -> 2.93 -> 2.88);
-    kNN 10.7 / 9.4, linear 12.7 / 9.0 (random init 9.8 / 9.2, 13.2 / 9.2; chance 8.3)
-  Fashion-MNIST, ViT-micro/4 at 28 px, 1 epoch over 4,000 images, the command in README.md (1532 s pre-training
-  at load ~9, 1 thread; 6.6 CPU-min for the whole run): loss 8.690 (contrastive 3.361, reconstruction 1.066);
-    kNN 56.8 / 49.7, linear 66.5 / 56.1 (random init 48.7 / 51.2, 58.1 / 56.5)
-Deviations from the official code: the corruption is drawn on the training device in batches from a generator seeded
-by (seed, rank, step) (official: a Python loop per image in the data workers, reseeded from the OS on every call, so
-not reproducible); the teacher holds no reconstruction head (official: it has one, updated by EMA and never called);
-the synchronised BatchNorm is our own small module (nn.SyncBatchNorm refuses CPU tensors) with the same statistics;
-the Gaussian-blur radius scales with the image side (official: pixels of the 224-px crop; the same at 224); on the
-resident path the augmentation is batched float arithmetic (see BatchedViews); the lr warm-up reaches its peak one
-iteration later (MAE's per-iteration rule); the fine-tune (common/evaluation.py) pools the mean patch token into one
-linear layer (official: cls and mean concatenated into a 2-layer MLP, DeiT's recipe); the demo/small/medium presets
-are not the paper's recipe (see PRESETS).
+Deviations from the official code:
+  - the corruption is drawn batched on the device from a (seed, rank, step) generator (official: per image, OS-seeded)
+  - the teacher holds no reconstruction head (official: it has one, updated by EMA and never called)
+  - the synchronised BatchNorm is our own small module, same statistics (nn.SyncBatchNorm refuses CPU tensors)
+  - the Gaussian-blur radius scales with the image side (official: pixels of the 224-px crop; the same at 224)
+  - on the resident path the augmentation is batched float arithmetic (see BatchedViews)
+  - the reconstruction head's transposed-convolution kernel is the model's patch size (official: always 16)
+  - the lr warm-up reaches its peak one iteration later (MAE's per-iteration rule)
+  - the fine-tune pools the mean patch token into one linear layer (official: cls + mean into a 2-layer MLP, DeiT's)
+  - the ImageNet fine-tune sets the lr per iteration (DeiT: per epoch), without repeated augmentation or model EMA
+  - the demo/small/medium presets are not the paper's recipe (see PRESETS)
+Results: docs/RESULTS.md#sit
 """
 import copy
 import math
@@ -69,207 +52,9 @@ from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip, grayscale,
                          preview_images, sample_resized_crops)
 from common.evaluation import denormalize, monitors, report, save_image_grid
-from common.training import Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, set_grad_sync, set_lr
+from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
+                             set_lr)
 from common.vit import VisionTransformer, count_params, vit_kwargs
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                                      config                                                        #
-# ---------------------------------------------------------------------------------------------------------------- #
-@dataclass
-class Config(TrainConfig):
-    """Defaults = the official recipe (main.py at HEAD 7f22e9c; its README's ImageNet run: 4 GPUs x 64 images)."""
-    batch_size: int = 64  # images per process per step, two views each (official README: 64 per GPU on 4 GPUs)
-    blr: float = 5e-4  # base learning rate, scaled by global batch / 256 (official --lr 5e-4)
-    min_lr: float = 1e-6  # floor of the cosine schedule (official --min_lr)
-    warmup_epochs: float = 10  # linear warm-up from 0, in (fractional) epochs (official --warmup_epochs)
-    weight_decay: float = 0.04  # AdamW weight decay at the start, cosine per iteration to --weight-decay-end
-    weight_decay_end: float = 0.1  # weight decay at the end (official --weight_decay_end; the GMML repo: 0.4)
-    clip_grad: typing.Optional[float] = 3.0  # clip EACH parameter's gradient norm to this (official clip_gradients)
-    drop_path: float = 0.1  # stochastic depth of the student's last block, linear from 0 (the teacher has none)
-    drop_perc: float = 0.5  # pixels covered by "drop" blocks: U(min(0.5, x), x) of the image (official --drop_perc)
-    drop_type: str = "zeros"  # fill of drop blocks: zeros (the mean colour), noise (N(0, 1)), or zeros-noise (per image)
-    drop_replace: float = 0.3  # pixels covered by "replace" blocks (official --drop_replace; 0 = no replacement)
-    replace_prob: float = 0.5  # share of images corrupted by replacement instead of drop blocks (official: 0.5)
-    align: bool = False  # snap the blocks to the patch grid (official --drop_align <patch size>; default: pixels)
-    lmbda: float = 1.0  # weight of the reconstruction loss: contrastive + lmbda x reconstruction (README: 5 on small data)
-    temperature: float = 0.2  # InfoNCE temperature (official --simclr_temp); the loss is scaled by 2 x this
-    out_dim: int = 256  # contrastive embedding size (official --out_dim)
-    head_hidden_dim: int = 4096  # width of the two hidden layers of the contrastive head (official: 4096)
-    momentum_teacher: float = 0.996  # EMA momentum of the teacher at the start, cosine per iteration to 1
-
-    def check(self):
-        super().check()
-        if not 0 < self.drop_perc < 1:
-            raise UserError(f"--drop-perc must be in (0, 1), got {self.drop_perc}")
-        if not 0 <= self.drop_replace < 1:
-            raise UserError(f"--drop-replace must be in [0, 1), got {self.drop_replace}")
-        if not 0 <= self.replace_prob <= 1:
-            raise UserError(f"--replace-prob must be in [0, 1], got {self.replace_prob}")
-        unknown = set(self.drop_type.split("-")) - set(DROP_TYPES)
-        if unknown:
-            raise UserError(f"unknown --drop-type {'-'.join(sorted(unknown))!r}; use {', '.join(DROP_TYPES)} or "
-                            f"several joined by '-'")
-        side = int(self.img_size * MAX_BLOCK)
-        if side <= (self.patch_size if self.align else 1):
-            raise UserError(f"--img-size {self.img_size}: blocks of up to {MAX_BLOCK:.0%} of the side ({side} px) "
-                            + (f"cannot hold a {self.patch_size}-px grid cell; drop --align" if self.align
-                               else "are too small; use a larger --img-size"))
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.momentum_teacher <= 1:
-            raise UserError(f"--momentum-teacher must be in [0, 1], got {self.momentum_teacher}")
-        if self.lmbda < 0 or self.weight_decay_end < 0:
-            raise UserError("--lmbda and --weight-decay-end must not be negative")
-        if not 0 <= self.drop_path < 1:
-            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
-        if self.out_dim <= 0 or self.head_hidden_dim <= 0:
-            raise UserError("--out-dim and --head-hidden-dim must be positive")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise UserError(f"--clip-grad must be positive, got {self.clip_grad}")
-
-
-# Presets by dataset scale; a flag given on the command line always wins.
-PRESETS = {
-    # `python sit.py`: the offline demo. A CPU-sized model and schedule; not a research recipe. A SiT step costs
-    # about 8 encoder passes per image (student forward + backward and teacher forward, on two views of every token),
-    # so the demo pre-trains on a subset; the lr is raised for the short run, the head is narrower, and lmbda is the
-    # small-data 5.
-    "demo": dict(img_size=32, patch_size=4, model="vit_micro", head_hidden_dim=1024, lmbda=5.0, subset=2000,
-                 epochs=3, warmup_epochs=0.5, batch_size=64, blr=2e-3, workers=2),
-    # CIFAR-10/100, (Fashion-)MNIST at their native 32/28 px: our choice (the paper upsamples small datasets to 224
-    # px and trains ViT-S/16). ViT-T with patch 2 gives a 16 x 16 grid like ImageNet's 14 x 14; lmbda 5 as the README
-    # advises for small data; the official schedule and global batch 256 (lr 5e-4).
-    "small": dict(patch_size=2, model="vit_tiny", lmbda=5.0, batch_size=256),
-    # STL-10 (96 px): our choice as well: ViT-S/8 (12 x 12 tokens), lmbda 5, global batch 256.
-    "medium": dict(img_size=96, patch_size=8, model="vit_small", lmbda=5.0, batch_size=256),
-    "imagenet": {},
-}
-
-# --finetune-epochs: one recipe per data scale, picked by the input size (evaluation.finetune_scale); the fields are
-# FinetuneRecipe's in common/evaluation.py.
-FINETUNE = {
-    # official: "we used Deit code without any parameter optimisation" (SiT#34), i.e. DeiT's defaults: 300 epochs, 5
-    # warm-up from 1e-6, lr 5e-4 x batch / 512, timm's cosine over all epochs to 1e-5, wd 0.05, drop path 0.1,
-    # RandAugment m9, erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1, no layer decay. we: the lr set per iteration
-    # (DeiT: per epoch); no repeated augmentation and no model EMA (DeiT has both).
-    "imagenet": dict(epochs=300, warmup_epochs=5, blr=5e-4, lr_batch_div=512, warmup_lr=1e-6, min_lr=1e-5,
-                     schedule="timm", layer_decay=1.0, drop_path=0.1, crop_scale=(0.08, 1.0), rand_augment=9,
-                     erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # STL-10 and other 65-128 px images: our choice, the same with a milder crop.
-    "medium": dict(epochs=300, warmup_epochs=5, blr=5e-4, lr_batch_div=512, warmup_lr=1e-6, min_lr=1e-5,
-                   schedule="timm", layer_decay=1.0, drop_path=0.1, crop_scale=(0.2, 1.0), rand_augment=9,
-                   erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
-    # 28-64 px images and short budgets: the small-image recipe of the other methods (measured on Fashion-MNIST,
-    # README): 10 % warm-up, blr 1e-3, layer decay 0.75, crop 0.5-1, no RandAugment / erasing / mixup / cutmix.
-    "small": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.1, crop_scale=(0.5, 1.0),
-                  rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                        two DINO-style views of each image                                          #
-# ---------------------------------------------------------------------------------------------------------------- #
-CROP_SCALE = (0.2, 1.0)  # official: DINO's global crops with scale (0.2, 1) instead of (0.4, 1); no local crops
-BLUR_RADIUS = (0.1, 2.0)  # official: PIL blur radius U(0.1, 2) px at 224 px; we scale it with the side (see below)
-BLUR_REFERENCE_SIDE = 224
-
-
-def blur_radius_range(img_size):
-    """official: radius in pixels of the 224-px crop (CIFAR and the other small sets are upsampled to 224 first);
-    we: the same fraction of the side at any --img-size, so a 32-px view is blurred as its 224-px upsampling was."""
-    return tuple(r * img_size / BLUR_REFERENCE_SIDE for r in BLUR_RADIUS)
-
-
-class PILGaussianBlur:
-    """official `GaussianBlur`: PIL's ImageFilter.GaussianBlur(radius ~ U(lo, hi)) with probability p. The draws come
-    from torch's generator (official: Python's `random`), which the DataLoader path seeds per image."""
-
-    def __init__(self, p, radius):
-        self.p, self.radius = p, radius
-
-    def __call__(self, img):
-        u = torch.rand(2)
-        if u[0] >= self.p:
-            return img
-        lo, hi = self.radius
-        return img.filter(ImageFilter.GaussianBlur(radius=lo + (hi - lo) * u[1].item()))
-
-
-class DataAugmentationSiT:
-    """The official `DataAugmentationSiT` (PIL, one image at a time, for the DataLoader path): two views of an image.
-    Both: RandomResizedCrop(scale 0.2-1, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2,
-    Gaussian blur; view 1 is always blurred, view 2 with p 0.1 and solarized with p 0.2; then normalised."""
-
-    def __init__(self, img_size):
-        def view(blur_p, solarize_p):
-            return T.Compose([
-                T.RandomResizedCrop(img_size, scale=CROP_SCALE, interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                PILGaussianBlur(blur_p, blur_radius_range(img_size)),
-            ] + ([T.RandomSolarize(threshold=128, p=solarize_p)] if solarize_p else []) + [  # = ImageOps.solarize
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ])
-        self.view1, self.view2 = view(1.0, 0.0), view(0.1, 0.2)
-
-    def __call__(self, img):
-        return self.view1(img), self.view2(img)
-
-
-def gaussian_blur(x, sigma, kernel_size):
-    """Per-image Gaussian blur as torchvision's tensor gaussian_blur (separable kernel of `kernel_size` taps, reflect
-    padding), with sigma [B] per image. [B, C, H, W] -> [B, C, H, W]."""
-    B, C, H, W = x.shape
-    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2  # [k] tap offsets
-    kernel = torch.exp(-0.5 * (t / sigma.view(B, 1)) ** 2)  # [B, k]
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # [B*C, k], one per channel
-    pad = kernel_size // 2
-    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")  # [1, B*C, H+2p, W+2p]
-    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # rows: [1, B*C, H+2p, W]
-    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # columns: [1, B*C, H, W]
-    return y.view(B, C, H, W)
-
-
-class BatchedViews:
-    """DataAugmentationSiT for a whole batch on the device (the resident path), every random parameter drawn per image
-    from the step's generator. Same steps and distributions as the PIL pipeline, computed in float instead of PIL's
-    uint8; the differences: the crop is resized by grid_sample (bicubic a = -0.75; PIL: -0.5), colour jitter follows
-    torchvision's *tensor* ops (HSV hue in float, PIL quantises hue to 8 bits), grayscale weights 0.2989/0.587/0.114
-    (PIL: 0.299/0.587/0.114), and the blur is an exact Gaussian (PIL's GaussianBlur is three box blurs)."""
-
-    def __init__(self, img_size):
-        self.img_size = img_size
-        self.radius = blur_radius_range(img_size)
-        self.kernel_size = 2 * math.ceil(3 * self.radius[1]) + 1  # +-3 sigma of the widest blur
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-    def __call__(self, images, generator):
-        """uint8 [B, 3, H, W] on the device -> (view 1, view 2), each normalised [B, 3, img, img]."""
-        x = images.float() / 255
-        return self.view(x, generator, blur_p=1.0, solarize_p=0.0), self.view(x, generator, blur_p=0.1, solarize_p=0.2)
-
-    def view(self, x, generator, blur_p, solarize_p):
-        B, _, H, W = x.shape
-        dev = x.device
-
-        def uniform(lo, hi):
-            return lo + (hi - lo) * torch.rand(B, device=dev, generator=generator)  # [B]
-
-        top, left, h, w = sample_resized_crops(B, H, W, CROP_SCALE, (3 / 4, 4 / 3), generator, dev)
-        flip = uniform(0, 1) < 0.5
-        x = crop_resize_flip(x, top, left, h, w, flip, self.img_size, "bicubic").clamp(0, 1)  # PIL clips too
-        x = color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        gray = (uniform(0, 1) < 0.2).view(B, 1, 1, 1)
-        x = torch.where(gray, grayscale(x).expand_as(x), x)
-        blur = (uniform(0, 1) < blur_p).view(B, 1, 1, 1)
-        x = torch.where(blur, gaussian_blur(x, uniform(*self.radius), self.kernel_size), x)
-        solarize = (uniform(0, 1) < solarize_p).view(B, 1, 1, 1)
-        x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL: pixels >= 128 become 255 - pixel
-        return (x - self.mean.to(dev)) / self.std.to(dev)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -492,6 +277,14 @@ class SiT(nn.Module):
         return c_loss + self.lmbda * r_loss, c_loss, r_loss, recon
 
 
+def build_model(cfg):
+    return SiT(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.out_dim, cfg.head_hidden_dim, cfg.lmbda,
+               cfg.temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                      losses                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
 def reconstruction_loss(recon, target, mask):
     """L1 on the corrupted pixels only (official: `F.l1_loss(..., reduction='none')[mask == 1].mean()`, the mask the
     same on all 3 channels): the mean absolute error over the corrupted (pixel, channel) elements of the batch."""
@@ -530,6 +323,24 @@ def contrastive_loss(student, teacher, temperature):
     return info_nce(s1, t2, temperature) + info_nce(s2, t1, temperature)
 
 
+def training_losses(model, views, cfg, generator):
+    """One pre-training forward as main() runs it: both views of the batch corrupted from `generator` (each view on
+    its own, replacement partners from the same view, as the official collate function), the teacher on the clean
+    views, the student on the corrupted ones. `model` may be wrapped (DDP / torch.compile).
+    Returns (loss, contrastive, reconstruction)."""
+    corrupted, masks = zip(*(gmml_corrupt(v, cfg, generator) for v in views))
+    loss, c_loss, r_loss, _ = model(torch.cat(views), torch.cat(corrupted), torch.cat(masks))  # [2B, ...] each
+    return loss, c_loss, r_loss
+
+
+def training_loss(model, views, cfg, generator):
+    """The total loss of training_losses (bench.py's hook)."""
+    return training_losses(model, views, cfg, generator)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                 teacher (EMA) update and per-parameter clipping                                    #
+# ---------------------------------------------------------------------------------------------------------------- #
 @torch.no_grad()
 def update_teacher(model, momentum):
     """EMA after each optimizer step (official): teacher <- m teacher + (1 - m) student, over parameters only (the
@@ -548,53 +359,165 @@ def clip_gradients(parameters, clip):
     return torch.linalg.vector_norm(norms)
 
 
-def build_model(cfg):
-    return SiT(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.out_dim, cfg.head_hidden_dim, cfg.lmbda,
-               cfg.temperature)
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                        two DINO-style views of each image                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+CROP_SCALE = (0.2, 1.0)  # official: DINO's global crops with scale (0.2, 1) instead of (0.4, 1); no local crops
+BLUR_RADIUS = (0.1, 2.0)  # official: PIL blur radius U(0.1, 2) px at 224 px; we scale it with the side (see below)
+BLUR_REFERENCE_SIDE = 224
 
 
-def training_losses(model, views, cfg, generator):
-    """One pre-training forward as main() runs it: both views of the batch corrupted from `generator` (each view on
-    its own, replacement partners from the same view, as the official collate function), the teacher on the clean
-    views, the student on the corrupted ones. `model` may be wrapped (DDP / torch.compile).
-    Returns (loss, contrastive, reconstruction)."""
-    corrupted, masks = zip(*(gmml_corrupt(v, cfg, generator) for v in views))
-    loss, c_loss, r_loss, _ = model(torch.cat(views), torch.cat(corrupted), torch.cat(masks))  # [2B, ...] each
-    return loss, c_loss, r_loss
+def blur_radius_range(img_size):
+    """official: radius in pixels of the 224-px crop (CIFAR and the other small sets are upsampled to 224 first);
+    we: the same fraction of the side at any --img-size, so a 32-px view is blurred as its 224-px upsampling was."""
+    return tuple(r * img_size / BLUR_REFERENCE_SIDE for r in BLUR_RADIUS)
 
 
-def training_loss(model, views, cfg, generator):
-    """The total loss of training_losses (bench.py's hook)."""
-    return training_losses(model, views, cfg, generator)[0]
+class PILGaussianBlur:
+    """official `GaussianBlur`: PIL's ImageFilter.GaussianBlur(radius ~ U(lo, hi)) with probability p. The draws come
+    from torch's generator (official: Python's `random`), which the DataLoader path seeds per image."""
+
+    def __init__(self, p, radius):
+        self.p, self.radius = p, radius
+
+    def __call__(self, img):
+        u = torch.rand(2)
+        if u[0] >= self.p:
+            return img
+        lo, hi = self.radius
+        return img.filter(ImageFilter.GaussianBlur(radius=lo + (hi - lo) * u[1].item()))
 
 
-def bench_batch(imgs, cfg):
-    """bench.py: the two views its training_loss takes, from random images [B, 3, H, W]."""
-    return imgs, imgs.flip(-1)
+class DataAugmentationSiT:
+    """The official `DataAugmentationSiT` (PIL, one image at a time, for the DataLoader path): two views of an image.
+    Both: RandomResizedCrop(scale 0.2-1, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2,
+    Gaussian blur; view 1 is always blurred, view 2 with p 0.1 and solarized with p 0.2; then normalised."""
+
+    def __init__(self, img_size):
+        def view(blur_p, solarize_p):
+            return T.Compose([
+                T.RandomResizedCrop(img_size, scale=CROP_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                PILGaussianBlur(blur_p, blur_radius_range(img_size)),
+            ] + ([T.RandomSolarize(threshold=128, p=solarize_p)] if solarize_p else []) + [  # = ImageOps.solarize
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ])
+        self.view1, self.view2 = view(1.0, 0.0), view(0.1, 0.2)
+
+    def __call__(self, img):
+        return self.view1(img), self.view2(img)
 
 
-def tokens_per_image(cfg):
-    """bench.py's tokens/s: the student encodes two views of N patches per image (the teacher the same, clean)."""
-    return 2 * (cfg.img_size // cfg.patch_size) ** 2
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-image Gaussian blur as torchvision's tensor gaussian_blur (separable kernel of `kernel_size` taps, reflect
+    padding), with sigma [B] per image. [B, C, H, W] -> [B, C, H, W]."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2  # [k] tap offsets
+    kernel = torch.exp(-0.5 * (t / sigma.view(B, 1)) ** 2)  # [B, k]
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # [B*C, k], one per channel
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")  # [1, B*C, H+2p, W+2p]
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # rows: [1, B*C, H+2p, W]
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # columns: [1, B*C, H, W]
+    return y.view(B, C, H, W)
+
+
+class BatchedViews:
+    """DataAugmentationSiT for a whole batch on the device (the resident path), every random parameter drawn per image
+    from the step's generator. Same steps and distributions as the PIL pipeline, computed in float instead of PIL's
+    uint8; the differences: the crop is resized by grid_sample (bicubic a = -0.75; PIL: -0.5), colour jitter follows
+    torchvision's *tensor* ops (HSV hue in float, PIL quantises hue to 8 bits), grayscale weights 0.2989/0.587/0.114
+    (PIL: 0.299/0.587/0.114), and the blur is an exact Gaussian (PIL's GaussianBlur is three box blurs)."""
+
+    def __init__(self, img_size):
+        self.img_size = img_size
+        self.radius = blur_radius_range(img_size)
+        self.kernel_size = 2 * math.ceil(3 * self.radius[1]) + 1  # +-3 sigma of the widest blur
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __call__(self, images, generator):
+        """uint8 [B, 3, H, W] on the device -> (view 1, view 2), each normalised [B, 3, img, img]."""
+        x = images.float() / 255
+        return self.view(x, generator, blur_p=1.0, solarize_p=0.0), self.view(x, generator, blur_p=0.1, solarize_p=0.2)
+
+    def view(self, x, generator, blur_p, solarize_p):
+        B, _, H, W = x.shape
+        dev = x.device
+
+        def uniform(lo, hi):
+            return lo + (hi - lo) * torch.rand(B, device=dev, generator=generator)  # [B]
+
+        top, left, h, w = sample_resized_crops(B, H, W, CROP_SCALE, (3 / 4, 4 / 3), generator, dev)
+        flip = uniform(0, 1) < 0.5
+        x = crop_resize_flip(x, top, left, h, w, flip, self.img_size, "bicubic").clamp(0, 1)  # PIL clips too
+        x = color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+        gray = (uniform(0, 1) < 0.2).view(B, 1, 1, 1)
+        x = torch.where(gray, grayscale(x).expand_as(x), x)
+        blur = (uniform(0, 1) < blur_p).view(B, 1, 1, 1)
+        x = torch.where(blur, gaussian_blur(x, uniform(*self.radius), self.kernel_size), x)
+        solarize = (uniform(0, 1) < solarize_p).view(B, 1, 1, 1)
+        x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL: pixels >= 128 become 255 - pixel
+        return (x - self.mean.to(dev)) / self.std.to(dev)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                  visualisation                                                     #
+#                                                      config                                                        #
 # ---------------------------------------------------------------------------------------------------------------- #
-@torch.no_grad()
-def save_reconstruction(model, imgs, cfg, path, title, amp):
-    """Rows: clean | corrupted (the student's input) | reconstruction of the whole image. The images are the
-    normalised inputs and the prediction targets them directly, so un-normalising with the dataset mean/std is exact.
-    The same corruption every epoch (seed 0)."""
-    was_training = model.training
-    model.eval()
-    corrupted, _ = gmml_corrupt(imgs, cfg, torch.Generator(device=imgs.device).manual_seed(0))
-    with amp:
-        _, recon = model.reconstruct(corrupted)  # [B, 3, H, W]
-    model.train(was_training)
-    note = "loss on the corrupted pixels only (zeros = the mean colour); target = the normalised clean image"
-    save_image_grid([denormalize(imgs), denormalize(corrupted), denormalize(recon)], path, f"{title}\n{note}",
-                    labels=["clean", "corrupted", "reconstruction"])
+@dataclass
+class Config(TrainConfig):
+    """Defaults = the official recipe (main.py at HEAD 7f22e9c; its README's ImageNet run: 4 GPUs x 64 images)."""
+    batch_size: int = 64  # images per process per step, two views each (official README: 64 per GPU on 4 GPUs)
+    blr: float = 5e-4  # base learning rate, scaled by global batch / 256 (official --lr 5e-4)
+    min_lr: float = 1e-6  # floor of the cosine schedule (official --min_lr)
+    warmup_epochs: float = 10  # linear warm-up from 0, in (fractional) epochs (official --warmup_epochs)
+    weight_decay: float = 0.04  # AdamW weight decay at the start, cosine per iteration to --weight-decay-end
+    weight_decay_end: float = 0.1  # weight decay at the end (official --weight_decay_end; the GMML repo: 0.4)
+    clip_grad: typing.Optional[float] = 3.0  # clip EACH parameter's gradient norm to this (official clip_gradients)
+    drop_path: float = 0.1  # stochastic depth of the student's last block, linear from 0 (the teacher has none)
+    drop_perc: float = 0.5  # pixels covered by "drop" blocks: U(min(0.5, x), x) of the image (official --drop_perc)
+    drop_type: str = "zeros"  # fill of drop blocks: zeros (the mean colour), noise (N(0, 1)), or zeros-noise (per image)
+    drop_replace: float = 0.3  # pixels covered by "replace" blocks (official --drop_replace; 0 = no replacement)
+    replace_prob: float = 0.5  # share of images corrupted by replacement instead of drop blocks (official: 0.5)
+    align: bool = False  # snap the blocks to the patch grid (official --drop_align <patch size>; default: pixels)
+    lmbda: float = 1.0  # weight of the reconstruction loss: contrastive + lmbda x reconstruction (README: 5 on small data)
+    temperature: float = 0.2  # InfoNCE temperature (official --simclr_temp); the loss is scaled by 2 x this
+    out_dim: int = 256  # contrastive embedding size (official --out_dim)
+    head_hidden_dim: int = 4096  # width of the two hidden layers of the contrastive head (official: 4096)
+    momentum_teacher: float = 0.996  # EMA momentum of the teacher at the start, cosine per iteration to 1
+
+    def check(self):
+        super().check()
+        if not 0 < self.drop_perc < 1:
+            raise UserError(f"--drop-perc must be in (0, 1), got {self.drop_perc}")
+        if not 0 <= self.drop_replace < 1:
+            raise UserError(f"--drop-replace must be in [0, 1), got {self.drop_replace}")
+        if not 0 <= self.replace_prob <= 1:
+            raise UserError(f"--replace-prob must be in [0, 1], got {self.replace_prob}")
+        unknown = set(self.drop_type.split("-")) - set(DROP_TYPES)
+        if unknown:
+            raise UserError(f"unknown --drop-type {'-'.join(sorted(unknown))!r}; use {', '.join(DROP_TYPES)} or "
+                            f"several joined by '-'")
+        side = int(self.img_size * MAX_BLOCK)
+        if side <= (self.patch_size if self.align else 1):
+            raise UserError(f"--img-size {self.img_size}: blocks of up to {MAX_BLOCK:.0%} of the side ({side} px) "
+                            + (f"cannot hold a {self.patch_size}-px grid cell; drop --align" if self.align
+                               else "are too small; use a larger --img-size"))
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.momentum_teacher <= 1:
+            raise UserError(f"--momentum-teacher must be in [0, 1], got {self.momentum_teacher}")
+        if self.lmbda < 0 or self.weight_decay_end < 0:
+            raise UserError("--lmbda and --weight-decay-end must not be negative")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.out_dim <= 0 or self.head_hidden_dim <= 0:
+            raise UserError("--out-dim and --head-hidden-dim must be positive")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise UserError(f"--clip-grad must be positive, got {self.clip_grad}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -602,11 +525,12 @@ def save_reconstruction(model, imgs, cfg, path, title, amp):
 # ---------------------------------------------------------------------------------------------------------------- #
 def main():
     cfg, preset = parse_config(Config, PRESETS, description=__doc__.split("\n\n")[0])
-    run = Run(cfg, "sit", preset)
+    run = Run(cfg, "sit", preset)  # devices, processes, --out; resolves cfg.out, cfg.compile, a preset's accum_iter
     data = None if cfg.eval_only else build_train_data(
         cfg, run.dist, crop_scale=CROP_SCALE, interpolation="bicubic", log=run.log,
         transform=DataAugmentationSiT(cfg.img_size), augment=BatchedViews(cfg.img_size))  # batches: (view 1, view 2)
     model = build_model(cfg).to(run.device)
+    cfg.lr = scaled_lr(cfg, run.global_batch)  # lr = blr x global batch / 256 (official: --lr x batch / 256, as DINO)
     # official: AdamW with PyTorch's defaults (0.9, 0.999); no decay on biases and 1-D parameters (norms); the cls
     # token and pos_embed *are* decayed (DINO's get_params_groups). The teacher has no trainable parameters.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
@@ -650,13 +574,19 @@ def main():
                     # teacher momentum: cosine from --momentum-teacher to 1 over all iterations (official schedule)
                     update_teacher(model, cosine_lr(progress, cfg.momentum_teacher, 1.0, 0, cfg.epochs))
                 parts += torch.stack([c_loss, r_loss]).detach().float()
-                if run.end_of_step(epoch, step, loss, lr, grad_norm):  # log, guard, checkpoint, signal, --max-steps
+                run.log_step(epoch, step, loss, lr, grad_norm)  # progress bar, non-finite guard, --log-every line
+                if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
+                    run.save_checkpoint(epoch, step + 1)
+                    run.exit_if_preempted()  # a stop signal ends the process here; --resume auto continues
                     break
+                if run.should_checkpoint(step):  # every --ckpt-every-steps
+                    run.save_checkpoint(epoch, step + 1)
             start_step = 0
             if not run.done:  # (--max-steps ends mid-epoch: no epoch summary, but the grid of where it stopped)
                 c_mean, r_mean = run.mean_over_ranks(parts / max(run.epoch_steps, 1)).tolist()
                 run.log(f"epoch {epoch}: contrastive {c_mean:.4f}, reconstruction {r_mean:.4f}")
-                run.end_of_epoch(epoch, contrastive=c_mean, reconstruction=r_mean)
+                run.log_epoch(epoch, contrastive=c_mean, reconstruction=r_mean)
+                run.save_checkpoint(epoch + 1, 0)
             if run.is_main:
                 save_reconstruction(model, fixed.to(run.device), cfg, run.out / f"recon_e{epoch}.png",
                                     f"SiT {cfg.model} epoch {epoch}", run.autocast())
@@ -667,6 +597,79 @@ def main():
         run.finish_training(time.perf_counter() - t0)
 
     report("sit", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                          presets and fine-tune recipes                                             #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Presets by dataset scale; a flag given on the command line always wins.
+PRESETS = {
+    # `python sit.py`: the offline demo. A CPU-sized model and schedule; not a research recipe. A SiT step costs
+    # about 8 encoder passes per image (student forward + backward and teacher forward, on two views of every token),
+    # so the demo pre-trains on a subset; the lr is raised for the short run, the head is narrower, and lmbda is the
+    # small-data 5.
+    "demo": dict(img_size=32, patch_size=4, model="vit_micro", head_hidden_dim=1024, lmbda=5.0, subset=2000,
+                 epochs=3, warmup_epochs=0.5, batch_size=64, blr=2e-3, workers=2),
+    # CIFAR-10/100, (Fashion-)MNIST at their native 32/28 px: our choice (the paper upsamples small datasets to 224
+    # px and trains ViT-S/16). ViT-T with patch 2 gives a 16 x 16 grid like ImageNet's 14 x 14; lmbda 5 as the README
+    # advises for small data; the official schedule and global batch 256 (lr 5e-4).
+    "small": dict(patch_size=2, model="vit_tiny", lmbda=5.0, batch_size=256),
+    # STL-10 (96 px): our choice as well: ViT-S/8 (12 x 12 tokens), lmbda 5, global batch 256.
+    "medium": dict(img_size=96, patch_size=8, model="vit_small", lmbda=5.0, batch_size=256),
+    "imagenet": {},
+}
+
+
+# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+FINETUNE = {
+    # official: "we used Deit code without any parameter optimisation" (github.com/Sara-Ahmed/SiT/issues/34), i.e.
+    # DeiT's defaults: 300 epochs, 5 warm-up from 1e-6, lr 5e-4 x batch / 512, timm's cosine over all epochs to 1e-5,
+    # wd 0.05, drop path 0.1, RandAugment m9, erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1, no layer decay.
+    # we: the lr set per iteration (DeiT: per epoch); no repeated augmentation and no model EMA (DeiT has both).
+    "imagenet": dict(epochs=300, warmup_epochs=5, blr=5e-4, lr_batch_div=512, warmup_lr=1e-6, min_lr=1e-5,
+                     schedule="timm", layer_decay=1.0, drop_path=0.1, crop_scale=(0.08, 1.0), rand_augment=9,
+                     erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # STL-10 and other 65-128 px images: our choice, the same with a milder crop.
+    "medium": dict(epochs=300, warmup_epochs=5, blr=5e-4, lr_batch_div=512, warmup_lr=1e-6, min_lr=1e-5,
+                   schedule="timm", layer_decay=1.0, drop_path=0.1, crop_scale=(0.2, 1.0), rand_augment=9,
+                   erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    # 28-64 px images and short budgets: the small-image recipe of the other methods: 10 % warm-up, blr 1e-3,
+    # layer decay 0.75, crop 0.5-1, no RandAugment / erasing / mixup / cutmix.
+    "small": dict(epochs=50, warmup_epochs=5, blr=1e-3, layer_decay=0.75, drop_path=0.1, crop_scale=(0.5, 1.0),
+                  rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  visualisation                                                     #
+# ---------------------------------------------------------------------------------------------------------------- #
+@torch.no_grad()
+def save_reconstruction(model, imgs, cfg, path, title, amp):
+    """Rows: clean | corrupted (the student's input) | reconstruction of the whole image. The images are the
+    normalised inputs and the prediction targets them directly, so un-normalising with the dataset mean/std is exact.
+    The same corruption every epoch (seed 0)."""
+    was_training = model.training
+    model.eval()
+    corrupted, _ = gmml_corrupt(imgs, cfg, torch.Generator(device=imgs.device).manual_seed(0))
+    with amp:
+        _, recon = model.reconstruct(corrupted)  # [B, 3, H, W]
+    model.train(was_training)
+    note = "loss on the corrupted pixels only (zeros = the mean colour); target = the normalised clean image"
+    save_image_grid([denormalize(imgs), denormalize(corrupted), denormalize(recon)], path, f"{title}\n{note}",
+                    labels=["clean", "corrupted", "reconstruction"])
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  bench.py hooks                                                    #
+# ---------------------------------------------------------------------------------------------------------------- #
+def bench_batch(imgs, cfg):
+    """bench.py: the two views its training_loss takes, from random images [B, 3, H, W]."""
+    return imgs, imgs.flip(-1)
+
+
+def tokens_per_image(cfg):
+    """bench.py's tokens/s: the student encodes two views of N patches per image (the teacher the same, clean)."""
+    return 2 * (cfg.img_size // cfg.patch_size) ** 2
 
 
 if __name__ == "__main__":

@@ -200,6 +200,12 @@ def set_lr(optimizer, lr):
     return lr
 
 
+def scaled_lr(cfg, global_batch):
+    """The peak learning rate: --lr when given, else the linear scaling rule blr x global batch / lr_batch_div
+    (256 for most methods; the method's config says when its paper scales otherwise)."""
+    return cfg.lr if cfg.lr is not None else cfg.blr * global_batch / cfg.lr_batch_div
+
+
 def param_groups(model, weight_decay, no_decay=()):
     """Two AdamW groups as timm's `add_weight_decay`: no decay on 1-D parameters (norms, layer scales) and biases
     and on the names in `no_decay`; frozen parameters (fixed sin-cos tables) are left out entirely."""
@@ -212,7 +218,7 @@ def param_groups(model, weight_decay, no_decay=()):
 
 
 def cpu_has_fast_bf16():
-    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 (4x on our 2-core machines)."""
+    """AMX or AVX512-BF16: CPUs that run bf16 matmuls natively, several times faster than fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -245,11 +251,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's <malloc.h>
 
 def reuse_freed_host_memory(device):
     """On the CPU: glibc's malloc keeps the memory that freed tensors held and hands it to the next ones, instead of
-    returning every block above 128 KiB to the kernel (mmap / munmap) and page-faulting the next one in: a MAE-B
-    bf16 step at batch 8 took 46,000-68,000 minor page faults (180-270 MiB of pages zeroed by the kernel, 0.10-0.19 s
-    of system time) and takes 1-4,600 with this, its peak RSS the same (README, Performance). What jemalloc or
-    tcmalloc under LD_PRELOAD would do, from inside the process. Returns whether it applied (glibc only; elsewhere a
-    no-op)."""
+    returning every block above 128 KiB to the kernel (mmap / munmap) and page-faulting the next one in, zeroed, at
+    every step; the peak memory stays the same (docs/PERFORMANCE.md). What jemalloc or tcmalloc under LD_PRELOAD
+    would do, from inside the process. Returns whether it applied (glibc only; elsewhere a no-op)."""
     if device.type != "cpu":
         return False
     try:
@@ -430,10 +434,15 @@ class NonFiniteGuard:
 # ---------------------------------------------------------------------------------------------------------------- #
 class Run:
     """What the training loop needs around it: distributed setup, device, precision, output folder, logging,
-    checkpoints (atomic, resumable, every epoch and every --ckpt-every-steps), the stop-signal handler and the
-    non-finite guard. Only rank 0 writes files."""
+    checkpoints (atomic, resumable), the stop-signal handler and the non-finite guard. Only rank 0 writes files.
+    The loop itself says when it logs, checkpoints and stops (`log_step`, `should_stop`, `should_checkpoint`,
+    `save_checkpoint`, `log_epoch`)."""
 
     def __init__(self, cfg, method, preset=None):
+        """Sets up the process. Three config fields depend on where the run happens and are resolved here (and
+        saved so in config.json): `cfg.out` (unset: runs/<method>-<data>-<time>), `cfg.compile` (unset: on for CUDA)
+        and, under torchrun, a preset's `cfg.accum_iter` (its share per process, so the global batch stays the
+        preset's). The learning rate is the method's to set: `scaled_lr(cfg, run.global_batch)`."""
         self.cfg, self.method = cfg, method
         self.dist = setup_distributed(cfg.device)
         self.device, self.is_main = self.dist.device, self.dist.is_main
@@ -452,8 +461,6 @@ class Run:
                      f"process with {world} processes (global batch {cfg.batch_size * world * cfg.accum_iter}, "
                      f"preset: {cfg.batch_size * self.preset['accum_iter']})")
         self.global_batch = cfg.batch_size * world * cfg.accum_iter
-        if cfg.lr is None:
-            cfg.lr = cfg.blr * self.global_batch / cfg.lr_batch_div
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out = Path(cfg.out or f"runs/{method}-{cfg.data}-{stamp}")
         cfg.out = str(self.out)
@@ -466,7 +473,7 @@ class Run:
         self.guard = NonFiniteGuard(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.model = self.optimizer = None
-        self.global_step, self.done, self.bar, self.log_file, self.last_loss = 0, False, None, None, None
+        self.global_step, self.done, self.preempted, self.bar, self.log_file, self.last_loss = 0, False, False, None, None, None
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def check_out_dir(self):
@@ -536,10 +543,9 @@ class Run:
         self.bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", is_main=self.is_main)
         self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation of the previous epoch is discarded
 
-    def end_of_step(self, epoch, step, loss, lr, grad_norm=None):
-        """After micro-step `step` of `epoch`: progress and log (host sync only every --log-every steps), the
-        non-finite guard, step checkpoints, the stop signal and --max-steps. Returns True when training ends."""
-        cfg = self.cfg
+    def log_step(self, epoch, step, loss, lr, grad_norm=None):
+        """After micro-step `step` of `epoch`: the progress bar, the non-finite guard (no host sync), and every
+        --log-every steps a loss line (the one host sync: the loss averaged over the processes)."""
         it = epoch * self.steps_per_epoch + step  # global micro-step
         self.global_step = it + 1
         checked = [loss] + ([grad_norm] if grad_norm is not None and not self.scaler.is_enabled() else [])
@@ -547,34 +553,45 @@ class Run:
         self.epoch_loss += loss.detach().float()
         self.epoch_steps += 1
         self.bar.update(1)
-        if self.global_step % cfg.log_every == 0:
-            self.log_step(it, loss, lr)
-        boundary = (step + 1) % cfg.accum_iter == 0 or step + 1 == self.steps_per_epoch
-        if not boundary:
-            return False
-        stop = self.stop_requested()
-        self.done = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
-        if stop or self.done or (cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0):
-            self.save(epoch, step + 1)
-        if stop:
-            self.log(f"stopped by signal after step {it}; checkpoint saved to {self.ckpt_path}. "
-                     f"Continue with --resume auto --out {self.out}")
-            barrier()
-            raise Preempted()
-        return self.done
-
-    def log_step(self, it, loss, lr):
+        if self.global_step % self.cfg.log_every:
+            return
         self.guard.check()
         loss = self.mean_over_ranks(loss.detach().float()).item()  # the host sync of this step
         now = time.perf_counter()
         imgs_per_s = (it + 1 - self.last_log_step) * self.cfg.batch_size * self.dist.world_size / (now - self.last_log_t)
         self.last_log_t, self.last_log_step = now, it + 1
         if self.bar.disable:  # not a terminal: one plain line per logged step instead of a redrawn bar
-            self.log(f"epoch {self.epoch} step {it % self.steps_per_epoch + 1}/{self.steps_per_epoch}: loss "
+            self.log(f"epoch {self.epoch} step {step + 1}/{self.steps_per_epoch}: loss "
                      f"{loss:.4f}, lr {lr:.2e}, {imgs_per_s:.0f} img/s")
         else:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}")
         self.write_log(kind="step", step=it, loss=loss, lr=lr, img_per_s=round(imgs_per_s, 1))
+
+    def at_update(self, step):
+        """Whether micro-step `step` ends an optimizer update (or the epoch): the only places a run may stop or
+        checkpoint, so that no accumulation is cut in half."""
+        return (step + 1) % self.cfg.accum_iter == 0 or step + 1 == self.steps_per_epoch
+
+    def should_stop(self, step):
+        """At an update: --max-steps reached (sets `done`) or a stop signal (SIGTERM/SIGINT, agreed by all ranks)."""
+        if not self.at_update(step):
+            return False
+        self.preempted = self.stop_requested()
+        self.done = bool(self.cfg.max_steps and self.global_step >= self.cfg.max_steps)
+        return self.preempted or self.done
+
+    def should_checkpoint(self, step):
+        """At an update, every --ckpt-every-steps steps (epoch ends always checkpoint)."""
+        every = self.cfg.ckpt_every_steps
+        return bool(every) and self.at_update(step) and self.global_step % every == 0
+
+    def exit_if_preempted(self):
+        """After a stop signal's checkpoint: end the process (exit 0); `--resume auto` continues from there."""
+        if self.preempted:
+            self.log(f"stopped by signal after step {self.global_step - 1}; checkpoint saved to {self.ckpt_path}. "
+                     f"Continue with --resume auto --out {self.out}")
+            barrier()
+            raise Preempted()
 
     def mean_over_ranks(self, value):
         """The mean of a tensor over the processes (the official `all_reduce_mean`); itself in one process.
@@ -595,8 +612,8 @@ class Run:
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def end_of_epoch(self, epoch, **extra):
-        """Epoch summary line in log.jsonl, then the epoch checkpoint."""
+    def log_epoch(self, epoch, **extra):
+        """The epoch's summary: mean loss and speed on the console and in log.jsonl (a host sync)."""
         self.guard.check()
         seconds = time.perf_counter() - self.epoch_t0
         loss = self.last_loss = self.mean_over_ranks(self.epoch_loss / max(self.epoch_steps, 1)).item()
@@ -606,7 +623,6 @@ class Run:
         self.log(f"epoch {epoch}: loss {loss:.4f}, {imgs / seconds:.1f} img/s, {seconds:.1f}s")
         self.write_log(kind="epoch", epoch=epoch, loss=loss, img_per_s=round(imgs / seconds, 1),
                        seconds=round(seconds, 2), **extra)
-        self.save(epoch + 1, 0)
 
     def write_log(self, **record):
         if self.log_file is not None:
@@ -635,7 +651,7 @@ class Run:
         return identical
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def save(self, epoch, step):
+    def save_checkpoint(self, epoch, step):
         """Checkpoint with everything exact resume needs, at (epoch, step) = where training continues.
         Never writes a diverged model: the guard is checked first, then the weights themselves (gradients are only
         watched when clipped, so a NaN gradient of the last step shows up here)."""

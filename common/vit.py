@@ -122,9 +122,9 @@ class PatchEmbed(nn.Module):
 
     def forward_as_matmul(self, imgs):
         """The same projection as one matmul over the flattened patches, used under autocast: its backward is one
-        [D, B*N] x [B*N, C*p*p] matmul for the weight gradient, where the bf16 strided convolution's backward ran
-        7.6 % of a MAE-B step on an AMX Xeon (issue #16). fp32 keeps the convolution, which the official code
-        runs (the matmul sums each patch in another order: the embeddings differ by ~4e-6, so not bitwise)."""
+        [D, B*N] x [B*N, C*p*p] matmul for the weight gradient, cheaper than the bf16 strided convolution's backward
+        (docs/PERFORMANCE.md). fp32 keeps the convolution, which the official code runs (the matmul sums each patch
+        in another order, so the embeddings are close but not bitwise the same)."""
         B, C, H, W = imgs.shape
         p, (h, w) = self.patch_size, self.grid_size
         x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
@@ -172,8 +172,8 @@ class Attention(nn.Module):
 
 def explicit_attention(q, k, v, attn_bias=None, causal=False):
     """softmax(q k^T / sqrt(d) + bias) v, spelled out: what SDPA computes. Used for bf16 on the CPU, where
-    PyTorch's fused CPU kernels measured 2-8x slower than this (forward + backward, ViT-sized shapes; the flash
-    kernel's backward dominated a MAE step). q, k, v: [B, H, N, d] -> [B, H, N, d]."""
+    PyTorch's fused CPU kernels run slower than this (forward + backward at ViT sizes: docs/PERFORMANCE.md).
+    q, k, v: [B, H, N, d] -> [B, H, N, d]."""
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
     if attn_bias is not None:
         attn = attn + attn_bias

@@ -259,7 +259,7 @@ def test_bad_flags_are_one_line_errors():
         with pytest.raises(UserError):
             parse_config(beit.Config, beit.PRESETS, ["--data", "imagenet", *bad])
     with pytest.raises(UserError, match="cannot read tokenizer"):
-        beit.resolve_tokenizer(beit.Config(tokenizer=str(ROOT / "requirements.txt")), "/tmp")
+        beit.load_tokenizer(ROOT / "requirements.txt", "dvae", lambda config: beit.new_dvae(beit.Config(), config))
 
 
 # ------------------------------------------------------------------------------------------------------- the CLI
@@ -393,16 +393,19 @@ def test_bench_row_counts_the_tokenizer(one_thread):
 
 
 def test_bench_gives_a_row_for_beit_and_one_for_beit_v2(one_thread):
-    """beit.py holds two methods: bench.py times both, each with its own tokenizer in the step (v1: the ImageNet
-    dVAE; v2: a VQ-KD of the encoder's size) and its own model (v2: + the patch-aggregation blocks)."""
+    """beit.py and beit2.py are two methods: bench.py times both, each with its own tokenizer in the step (v1: the
+    ImageNet dVAE; v2: a VQ-KD of the encoder's size) and its own model (v2: + the patch-aggregation blocks)."""
     import argparse
+    import beit2
     import bench
     args = bench.parse_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--batch-size", "2",
                              "--steps", "1", "--no-compile", "--no-bf16"])
-    v1, v2 = bench.method_variants(beit, bench.method_config(beit, args))
-    assert (beit.is_v2(v1), beit.is_v2(v2)) == (False, True)
-    rows = [bench.bench_method(beit, cfg, argparse.Namespace(**vars(args)), torch.device("cpu")) for cfg in (v1, v2)]
+    v1, v2 = bench.method_config(beit, args), bench.method_config(beit2, args)
+    assert (isinstance(beit.build_model(v1), beit2.BEiTv2), isinstance(beit2.build_model(v2), beit2.BEiTv2)) == (
+        False, True)
+    rows = [bench.bench_method(module, cfg, argparse.Namespace(**vars(args)), torch.device("cpu"))
+            for module, cfg in ((beit, v1), (beit2, v2))]
     assert [r["model"] for r in rows] == ["BEiT vit_nano/4 16px batch 2", "BEiT v2 vit_nano/4 16px batch 2"]
-    assert rows[1]["params"] == count_params(beit.build_model(v2)) != rows[0]["params"]
+    assert rows[1]["params"] == count_params(beit2.build_model(v2)) != rows[0]["params"]
     assert rows[1]["fwd_gflop_per_img"] > 0 and rows[1]["fwd_gflop_per_img"] != rows[0]["fwd_gflop_per_img"]
     assert rows[1]["fp32"]["img_s"] > 0 and rows[1]["bf16"] is None

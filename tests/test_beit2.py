@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import beit
+import beit2
 from common import UserError
 from common.data import IMAGENET_MEAN, IMAGENET_STD
 from common.training import parse_config
@@ -23,7 +24,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def quantizer(codebook, decay=0.99):
-    q = beit.NormEMAQuantizer(*codebook.shape, decay=decay)
+    q = beit2.NormEMAQuantizer(*codebook.shape, decay=decay)
     q.codebook.copy_(codebook)
     q.initted.fill_(True)
     return q
@@ -31,7 +32,7 @@ def quantizer(codebook, decay=0.99):
 
 def tiny_vqkd(img_size=16, vocab=64, target_dim=24, teacher=""):
     torch.manual_seed(0)
-    return beit.VQKD(vocab, 4, img_size, "vit_nano", 8, 1, target_dim, teacher=teacher)
+    return beit2.VQKD(vocab, 4, img_size, "vit_nano", 8, 1, target_dim, teacher=teacher)
 
 
 # ------------------------------------------------------------------------------------------------------ quantizer
@@ -72,13 +73,13 @@ def test_kmeans_init_on_the_first_training_batch():
     torch.manual_seed(0)
     centres = torch.eye(3)
     z = (centres[torch.arange(300) % 3] + 0.05 * torch.randn(300, 3)).view(1, 300, 3)
-    q = beit.NormEMAQuantizer(3, 3).train()
+    q = beit2.NormEMAQuantizer(3, 3).train()
     assert not q.initted and torch.all(q.codebook == 0)
     q(z, torch.Generator().manual_seed(0))
     assert q.initted
     cos = q.codebook @ centres.t()  # [codes, centres]
     assert sorted(cos.argmax(1).tolist()) == [0, 1, 2] and cos.max(1).values.min() > 0.99
-    init = beit.kmeans_cosine(F.normalize(z[0], dim=-1), 3, torch.Generator().manual_seed(0))
+    init = beit2.kmeans_cosine(F.normalize(z[0], dim=-1), 3, torch.Generator().manual_seed(0))
     before = q.codebook.clone()
     q(-z, torch.Generator().manual_seed(1))  # a batch far from every code: only the EMA moves them, a little
     assert (q.codebook - before).norm(dim=1).max() < 0.2
@@ -109,11 +110,11 @@ def test_paper_parameter_counts():
     """reference C1/C2: VQ-KD (1-layer decoder) 94,655,008 trainable, 3-layer 108,829,216; BEiT v2-B 106,143,056,
     v2-L 336,728,512; the exported encoder is BEiT v1's."""
     with torch.device("meta"):
-        vqkd = beit.VQKD(8192, 16, 224, "vit_base", 32, 1, 512)
-        vqkd3 = beit.VQKD(8192, 16, 224, "vit_base", 32, 3, 512)
+        vqkd = beit2.VQKD(8192, 16, 224, "vit_base", 32, 1, 512)
+        vqkd3 = beit2.VQKD(8192, 16, 224, "vit_base", 32, 3, 512)
         assert count_params(vqkd) == 94_655_008 and count_params(vqkd3) == 108_829_216
-        base = beit.BEiTv2(vqkd, 224, 16, "vit_base", 8192, layer_scale=0.1)
-        large = beit.BEiTv2(vqkd3, 224, 16, "vit_large", 8192, layer_scale=1e-5)
+        base = beit2.BEiTv2(vqkd, 224, 16, "vit_base", 8192, layer_scale=0.1)
+        large = beit2.BEiTv2(vqkd3, 224, 16, "vit_large", 8192, layer_scale=1e-5)
     assert count_params(base) == 106_143_056 and count_params(large) == 336_728_512
     assert count_params(base.encoder) + 768 == 85_666_128  # + the mask token: the v1 backbone
     assert (base.early_layers, large.early_layers) == (9, 21)
@@ -123,7 +124,7 @@ def test_paper_parameter_counts():
 
 def test_exact_mask_count_extends_the_v1_blocks():
     """v2's generator: the v1 blocks drawn from the same Random, then topped up to exactly 75 of 196."""
-    v1, v2 = beit.MaskingGenerator(14, 75, 16), beit.ExactMaskingGenerator(14, 75, 16)
+    v1, v2 = beit.MaskingGenerator(14, 75, 16), beit2.ExactMaskingGenerator(14, 75, 16)
     topped = 0
     for i in range(300):
         a, b = v1.draw(random.Random(i)), v2.draw(random.Random(i))
@@ -132,9 +133,9 @@ def test_exact_mask_count_extends_the_v1_blocks():
         if a.sum() == 75:
             assert np.array_equal(a, b)
     assert topped > 0
-    cfg = beit.Config(img_size=32, patch_size=4, tokenizer="vqkd")
-    assert isinstance(beit.mask_generator(cfg), beit.ExactMaskingGenerator)
-    assert (beit.mask_generator(cfg)(16, random.Random(0)).sum(1) == 24).all()
+    cfg = beit2.Config(img_size=32, patch_size=4)
+    assert isinstance(beit2.mask_generator(cfg), beit2.ExactMaskingGenerator)
+    assert (beit2.mask_generator(cfg)(16, random.Random(0)).sum(1) == 24).all()
     assert type(beit.mask_generator(beit.Config(img_size=32, patch_size=4))) is beit.MaskingGenerator
 
 
@@ -142,7 +143,7 @@ def test_exact_mask_count_extends_the_v1_blocks():
 def tiny_v2():
     tok = tiny_vqkd()
     torch.manual_seed(0)
-    return beit.BEiTv2(tok, 16, 4, "vit_nano", 64, drop_path=0.0, early_layers=1)
+    return beit2.BEiTv2(tok, 16, 4, "vit_nano", 64, drop_path=0.0, early_layers=1)
 
 
 def test_aggregation_loss_on_masked_positions_only():
@@ -207,7 +208,7 @@ def repository_encoder(tmp_path, img_size=16, patch_size=4):
 
 def test_repository_teacher_targets_and_grid_mismatch(tmp_path):
     enc, path = repository_encoder(tmp_path)
-    teacher = beit.load_teacher(str(path))
+    teacher = beit2.load_teacher(str(path))
     view = torch.rand(2, 3, 16, 16)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -223,12 +224,12 @@ def test_repository_teacher_targets_and_grid_mismatch(tmp_path):
     assert count_params(teacher) == 0 and count_params(teacher, trainable=False) == count_params(enc, trainable=False)
     with pytest.raises(UserError, match=r"grid 4 x 4 .* is not the tokenizer's and BEiT's 8 x 8"):
         tiny_vqkd(img_size=32, target_dim=64).use_teacher(teacher)
-    cfg = beit.Config(img_size=32, patch_size=4, model="vit_nano", vocab_size=64, teacher=str(path),
-                      vqkd_codebook_dim=8)
+    cfg = beit2.Config(img_size=32, patch_size=4, model="vit_nano", vocab_size=64, teacher=str(path),
+                       vqkd_codebook_dim=8)
     with pytest.raises(UserError, match="grid"):
-        beit.new_tokenizer(cfg, "vqkd")
+        beit2.new_vqkd(cfg)
     with pytest.raises(UserError, match="needs --teacher|give --teacher"):
-        beit.new_tokenizer(beit.Config(img_size=16, patch_size=4, model="vit_nano"), "vqkd")
+        beit2.new_vqkd(beit2.Config(img_size=16, patch_size=4, model="vit_nano"))
 
 
 def test_timm_teacher_needs_weights_on_disk(tmp_path, monkeypatch):
@@ -236,15 +237,15 @@ def test_timm_teacher_needs_weights_on_disk(tmp_path, monkeypatch):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # nothing cached here
     with pytest.raises(UserError, match="not on disk"):
-        beit.load_teacher("vit_base_patch16_clip_224.openai")
+        beit2.load_teacher("vit_base_patch16_clip_224.openai")
     with pytest.raises(UserError, match="neither a file nor a timm model"):
-        beit.load_teacher("no_such_model_x")
+        beit2.load_teacher("no_such_model_x")
     # weights on disk (here: a file written now) -> targets = the final-normed patch tokens
     torch.manual_seed(0)
     ref = timm.create_model("vit_tiny_patch16_224").eval()
     torch.save(ref.state_dict(), tmp_path / "w.pth")
-    monkeypatch.setattr(beit, "timm_weights_on_disk", lambda name: str(tmp_path / "w.pth"))
-    teacher = beit.load_teacher("vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    monkeypatch.setattr(beit2, "timm_weights_on_disk", lambda name: str(tmp_path / "w.pth"))
+    teacher = beit2.load_teacher("vit_tiny_patch16_224.augreg_in21k_ft_in1k")
     assert teacher.grid == (14, 14) and teacher.dim == 192
     view = torch.rand(1, 3, 224, 224)
     cfg = ref.pretrained_cfg
@@ -257,7 +258,7 @@ def test_timm_teacher_needs_weights_on_disk(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------- the CLI
 V2_TINY = TINY + ["--vocab-size", "64", "--vqkd-codebook-dim", "8", "--tokenizer-epochs", "1",
-                  "--tokenizer-batch-size", "16", "--tokenizer", "vqkd"]
+                  "--tokenizer-batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def mae_teacher(tmp_path_factory):
 
 
 def test_cli_beit_v2_end_to_end_with_a_mae_teacher_on_two_processes(mae_teacher, tmp_path):
-    """mae.py wrote encoder.pth (a few steps); `beit.py --tokenizer vqkd --teacher it` under torchrun (2 gloo
+    """mae.py wrote encoder.pth (a few steps); `beit2.py --teacher it` under torchrun (2 gloo
     processes) trains VQ-KD -- the quantizer's k-means init (all-gathered) and EMA statistics (all-reduced) inside
     DDP's forward; codebook usage and perplexity logged -- and pre-trains BEiT v2 (exact masks, aggregation) from
     one command; the replicas end identical."""
@@ -279,7 +280,7 @@ def test_cli_beit_v2_end_to_end_with_a_mae_teacher_on_two_processes(mae_teacher,
     import sys
     out = tmp_path / "v2"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(30500 + (hash(str(out)) % 1000)), str(ROOT / "beit.py"), *V2_TINY, "--teacher",
+                           str(30500 + (hash(str(out)) % 1000)), str(ROOT / "beit2.py"), *V2_TINY, "--teacher",
                            str(mae_teacher), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, **ONE_THREAD})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -304,7 +305,7 @@ def test_cli_beit_v2_end_to_end_with_a_mae_teacher_on_two_processes(mae_teacher,
     state = torch.load(out / "encoder.pth", weights_only=True)
     assert not any("cls_pt" in k or "tokenizer" in k for k in state) and "mask_token" not in state
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tokenizer"] == f"vqkd:{out}/tokenizer.pth" and cfg["teacher"] == str(mae_teacher)
+    assert cfg["tokenizer"] == f"{out}/tokenizer.pth" and cfg["teacher"] == str(mae_teacher)
     results = json.loads((out / "results.json").read_text())
     assert results["global_step"] == 4 and results["tokenizer"]["codes_used"] == tok_epoch["codes_used"]
 
@@ -313,4 +314,4 @@ def test_bad_v2_flags_are_one_line_errors(tmp_path):
     for bad in (["--teacher", str(tmp_path / "none.pth")], ["--vqkd-model", "vit_x"], ["--vqkd-decay", "1"],
                 ["--early-layers", "13"], ["--head-layers", "0"]):
         with pytest.raises(UserError):
-            parse_config(beit.Config, beit.PRESETS, ["--data", "imagenet", "--tokenizer", "vqkd", *bad])
+            parse_config(beit2.Config, beit2.PRESETS, ["--data", "imagenet", *bad])

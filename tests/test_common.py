@@ -16,7 +16,7 @@ from common import UserError
 from common.data import (SYNTHETIC_CLASSES, ArrayDataset, build_dataset, epoch_order, render_synthetic, scan_folder,
                          seeded_rng, stratified_indices, to_rgb)
 from common.training import (Dist, Run, TrainConfig, build_parser, cosine_lr, field_help, param_groups, parse_config,
-                             resolve_amp, reuse_freed_host_memory, use_fast_cuda_math)
+                             resolve_amp, reuse_freed_host_memory, scaled_lr, use_fast_cuda_math)
 from common.vit import (Attention, PatchEmbed, VisionTransformer, explicit_attention, relative_position_index,
                         sincos_pos_embed_2d)
 from conftest import ROOT
@@ -174,7 +174,8 @@ def test_accum_iter_of_a_preset_is_split_over_the_processes(tmp_path, monkeypatc
     presets = {"small": {"batch_size": 512, "accum_iter": 8}}
     cfg, applied = parse_config(TrainConfig, presets, ["--data", "cifar10", "--out", str(tmp_path / "a")])
     run = Run(cfg, "test", applied)
-    assert (cfg.accum_iter, run.global_batch) == (1, 4096) and cfg.lr == pytest.approx(cfg.blr * 4096 / 256)
+    assert (cfg.accum_iter, run.global_batch) == (1, 4096) and scaled_lr(cfg, run.global_batch) == pytest.approx(
+        cfg.blr * 4096 / 256)
     cfg, applied = parse_config(TrainConfig, presets, ["--data", "cifar10", "--accum-iter", "8",
                                                        "--out", str(tmp_path / "b")])
     run = Run(cfg, "test", applied)
