@@ -47,7 +47,8 @@ from torchvision.transforms import functional as TF
 from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_train_data, color_jitter,
                          crop_resize_flip, eval_transform, mix_seed, preview_images, sample_resized_crops, seeded_rng)
-from common.evaluation import denormalize, monitors, report, save_image_grid
+from common.evaluation import (codebook_stats, denormalize, monitors, report, save_codebook_usage, save_image_grid,
+                               token_colours)
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
                              parse_config, progress, scaled_lr, set_grad_sync, set_lr)
 from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
@@ -486,20 +487,6 @@ def fixed_views(cfg, run, size, n):
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).to(run.device)
 
 
-def token_colours(ids, vocab_size, grid, size):
-    """Each id as a fixed pseudo-random colour, upsampled to the image: the token map beside a decode."""
-    palette = torch.rand(vocab_size, 3, generator=torch.Generator().manual_seed(0)).to(ids.device)
-    img = palette[ids].transpose(1, 2).reshape(ids.shape[0], 3, *grid)  # [B, N, 3] -> [B, 3, h, w]
-    return F.interpolate(img, size=size, mode="nearest")
-
-
-def codebook_stats(counts):
-    """counts [V] of the ids used -> (perplexity = exp(entropy of their frequencies), fraction of codes used)."""
-    p = counts.double() / counts.sum().clamp(min=1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return entropy.exp().item(), (counts > 0).double().mean().item()
-
-
 def train_tokenizer(cfg, run, tokenizer, path, saved=None):
     """Stage 1: fit the tokenizer on the pre-training images (its view of BEiT's two-view augmentation), AdamW
     (0.9, 0.999) with a cosine lr over the stage (DALL-E: cosine over its first 1.2 M of 3 M updates). Every epoch:
@@ -630,31 +617,13 @@ def save_tokenizer_grid(tokenizer, views, path, title, amp):
     with amp:
         ids = tokenizer.get_codebook_indices(views)
         decoded = tokenizer.decode(ids, grid)
+    colours = token_colours(ids, tokenizer.vocab_size, grid, views.shape[-2:])
     if decoded is None:  # a tokenizer whose tokens decode to no pixels
-        rows = [views, token_colours(ids, tokenizer.vocab_size, grid, views.shape[-2:])]
-        save_image_grid(rows, path, f"{title}\ntokens = the nearest codes (no pixels to decode)",
+        save_image_grid([views, colours], path, f"{title}\ntokens = the nearest codes (no pixels to decode)",
                         labels=["image", "token ids"])
-        return
-    rows = [views, decoded.float(), token_colours(ids, tokenizer.vocab_size, grid, views.shape[-2:])]
-    save_image_grid(rows, path, f"{title}\ntokens = argmax of the encoder logits, decoded through the codebook",
-                    labels=["image", "decoded tokens", "token ids"])
-
-
-def codebook_usage_bars(counts, height=120):
-    """counts [V] -> [height, V] in {0, 1}: one bar per code, codes sorted from most to least used, bar height
-    proportional to log(1 + count), at least one pixel for a code used once, none for an unused one."""
-    counts = counts.double().sort(descending=True).values.cpu()  # [V]
-    heights = (torch.log1p(counts) / torch.log1p(counts[0]).clamp(min=1e-12) * height).ceil()  # [V]
-    rows = torch.arange(height, 0, -1).view(height, 1)  # [height, 1]: the bar top each pixel row needs
-    return (heights.view(1, -1) >= rows).float()  # [height, V], 1 where a bar covers the pixel
-
-
-def save_codebook_usage(counts, path, title):
-    """The epoch's codebook usage as a picture (codebook_usage_bars): collapse shows as a few tall bars and a long
-    empty tail."""
-    bars = codebook_usage_bars(counts)
-    img = (1 - bars * torch.tensor([0.8, 0.6, 0.2]).view(3, 1, 1)).unsqueeze(0)  # [1, 3, height, V], dark bars
-    save_image_grid([img], path, f"{title}\ncodes sorted by use, bar height ~ log(1 + count)", scale=1)
+    else:
+        save_image_grid([views, decoded.float(), colours], path, f"{title}\ntokens = argmax of the encoder logits, "
+                        f"decoded through the codebook", labels=["image", "decoded tokens", "token ids"])
 
 
 def show_tokens(tokenizer, ids, grid, size):

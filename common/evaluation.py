@@ -1,5 +1,6 @@
 """Evaluation of a pre-trained encoder: kNN and linear probe on frozen features (monitors), fine-tuning with
-layer-wise lr decay (the headline number of every MIM paper), and image grids.
+layer-wise lr decay (the headline number of every MIM paper), image grids, and pictures of a visual tokenizer's
+codebook (BEiT, BEiT v2).
 
 kNN and the linear probe are *monitors*: masked-image-modeling features are known to score low on them (MAE's kNN
 is about 11 % on ImageNet in lightly's benchmark, while it fine-tunes to 83.6 %). Both are reported for the cls
@@ -469,3 +470,37 @@ def save_image_grid(rows, path, caption, labels=None, scale=None):
             tile = Image.fromarray(arr[b]).resize((W * scale, H * scale), Image.NEAREST)
             grid.paste(tile, (label_w + b * (W * scale + pad), y0))
     grid.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                          visual tokens and their codebook                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+def token_colours(ids, vocab_size, grid, size):
+    """Each id as a fixed pseudo-random colour, upsampled to the image: the token map beside a decode."""
+    palette = torch.rand(vocab_size, 3, generator=torch.Generator().manual_seed(0)).to(ids.device)
+    img = palette[ids].transpose(1, 2).reshape(ids.shape[0], 3, *grid)  # [B, N, 3] -> [B, 3, h, w]
+    return F.interpolate(img, size=size, mode="nearest")
+
+
+def codebook_stats(counts):
+    """counts [V] of the ids used -> (perplexity = exp(entropy of their frequencies), fraction of codes used)."""
+    p = counts.double() / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return entropy.exp().item(), (counts > 0).double().mean().item()
+
+
+def codebook_usage_bars(counts, height=120):
+    """counts [V] -> [height, V] in {0, 1}: one bar per code, codes sorted from most to least used, bar height
+    proportional to log(1 + count), at least one pixel for a code used once, none for an unused one."""
+    counts = counts.double().sort(descending=True).values.cpu()  # [V]
+    heights = (torch.log1p(counts) / torch.log1p(counts[0]).clamp(min=1e-12) * height).ceil()  # [V]
+    rows = torch.arange(height, 0, -1).view(height, 1)  # [height, 1]: the bar top each pixel row needs
+    return (heights.view(1, -1) >= rows).float()  # [height, V], 1 where a bar covers the pixel
+
+
+def save_codebook_usage(counts, path, title):
+    """The epoch's codebook usage as a picture (codebook_usage_bars): collapse shows as a few tall bars and a long
+    empty tail."""
+    bars = codebook_usage_bars(counts)
+    img = (1 - bars * torch.tensor([0.8, 0.6, 0.2]).view(3, 1, 1)).unsqueeze(0)  # [1, 3, height, V], dark bars
+    save_image_grid([img], path, f"{title}\ncodes sorted by use, bar height ~ log(1 + count)", scale=1)

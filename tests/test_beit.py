@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import beit
+from common.evaluation import codebook_usage_bars
 from common.training import parse_config
 from common.vit import count_params
 from conftest import (ROOT, TINY, assert_encoder_matches_timm_beit, assert_loss_ignores_visible_targets, read_log,
@@ -163,7 +164,7 @@ def test_tokenizer_uses_many_codes_after_a_short_fit(one_thread):
 def test_codebook_usage_picture_has_one_bar_per_used_code():
     counts = torch.zeros(64)
     counts[[3, 10, 40, 41, 63]] = torch.tensor([1.0, 5.0, 500.0, 50.0, 2.0])
-    bars = beit.codebook_usage_bars(counts, height=20)  # [20, 64]
+    bars = codebook_usage_bars(counts, height=20)  # [20, 64]
     assert bars.shape == (20, 64) and (bars.sum(0) > 0).sum() == 5  # five used codes, five bars, first to last
     heights = bars.sum(0)[:5].tolist()
     assert heights == sorted(heights, reverse=True) and heights[0] == 20 and heights[-1] >= 1
