@@ -87,6 +87,9 @@ def test_replace_blocks_come_from_another_image_at_the_same_coordinates():
             partners.append((i, same[0]))
     assert len(partners) >= 8 and sum(i != j for i, j in partners) >= len(partners) - 2  # itself only by chance
     assert len({j for _, j in partners}) > len(partners) // 2  # partners drawn per image
+    # official randint(0, B) per image: a draw with replacement, not a permutation (roll, flip, randperm): here 15
+    # replaced images have 11 distinct partners
+    assert len({j for _, j in partners}) < len(partners)
 
 
 def test_noise_fill_and_a_fill_type_per_image():
@@ -98,6 +101,10 @@ def test_noise_fill_and_a_fill_type_per_image():
     assert 16 <= sum(zeros) <= 48  # one of the two fills per image
     noise = torch.cat([corrupted[i][m[i]] for i in range(64) if not zeros[i]])
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05  # N(0, 1) in normalised space
+    cfg = config("--img-size", 32, "--patch-size", 4, "--drop-type", "noise", "--replace-prob", 0)
+    corrupted, mask = sit.gmml_corrupt(x, cfg, torch.Generator().manual_seed(2))
+    noise = [corrupted[i][m[i]] for m in [mask.bool().expand_as(x)] for i in range(64)]
+    assert all(abs(n.std() - 1) < 0.1 for n in noise)  # --drop-type noise: every image noise-filled, none zeros
 
 
 def test_corruption_is_a_function_of_the_generator():
@@ -126,6 +133,41 @@ def test_block_sizes_and_the_patch_grid(align):
     else:
         assert set(h.tolist()) == {4, 8} and set(w.tolist()) == {4, 8}
         assert (top % 4 == 0).all() and (left % 4 == 0).all()
+        # randint(4, 9) = 4 .. 8 px, / 4 rounded half to even: 4, 5 -> 4 px and 6 (1.5 -> 2), 7, 8 -> 8 px: P(4) = 2/5
+        # (floor: 4/5, ceil: 1/5); no block reaches the border here (top <= 24), so none is cut
+        assert abs((h == 4).float().mean().item() - 0.4) < 0.035 and abs((w == 4).float().mean().item() - 0.4) < 0.035
+
+
+def test_drop_target_is_uniform_between_half_and_drop_perc():
+    """official np.random.uniform(min(0.5, d), d): with --drop-perc 0.8 the images cover from 50 % to 80 % (+ the
+    overshoot of the last block), not always one end; --drop-replace 0 turns replacement off whatever
+    --replace-prob says."""
+    one_block = (int(0.3 * 32) - 1) ** 2 / 32 ** 2
+    cfg = config("--img-size", 32, "--patch-size", 4, "--drop-perc", 0.8, "--replace-prob", 0)
+    x = images(256, 32, seed=3)
+    corrupted, mask = sit.gmml_corrupt(x, cfg, torch.Generator().manual_seed(3))
+    covered = mask.mean(dim=(1, 2, 3))
+    assert set(corruption_types(x, corrupted, mask)) == {"drop"}
+    assert covered.min() >= 0.5 and covered.max() < 0.8 + one_block
+    assert covered.min() < 0.53 and covered.max() > 0.78  # both ends of U(0.5, 0.8) are reached
+    assert abs((covered < 0.65).float().mean().item() - 0.5) < 0.15  # about half below the middle
+    cfg = config("--img-size", 32, "--patch-size", 4, "--drop-replace", 0, "--replace-prob", 1)
+    corrupted, mask = sit.gmml_corrupt(x, cfg, torch.Generator().manual_seed(4))
+    assert set(corruption_types(x, corrupted, mask)) == {"drop"} and mask.mean(dim=(1, 2, 3)).min() >= 0.5
+
+
+def test_blocks_snap_to_the_patch_grid_only_with_align():
+    """Default (official: no --drop_align): pixel blocks, so a patch is often partly hidden; --align: every 4 x 4
+    patch is corrupted whole or not at all."""
+    x = images(64, 32, seed=5)
+    for align in (False, True):
+        cfg = config("--img-size", 32, "--patch-size", 4, *(["--align"] if align else []))
+        mask = sit.gmml_corrupt(x, cfg, torch.Generator().manual_seed(5))[1].view(64, 8, 4, 8, 4)
+        whole = (mask == mask[:, :, :1, :, :1]).all(dim=(2, 4))  # [64, 8, 8]: patch corrupted whole or not at all
+        if align:
+            assert whole.all()
+        else:
+            assert whole.float().mean() < 0.6 and not whole.all(dim=(1, 2)).any()  # every image has split patches
 
 
 def test_bad_corruption_settings_are_one_line_errors():
@@ -169,6 +211,77 @@ def test_two_views_on_both_data_paths():
             gray = ((rgb - rgb.mean(1, keepdim=True)).abs().amax(dim=(1, 2, 3)) < 1e-2).float().mean()
             assert 0.12 < gray < 0.28, gray  # RandomGrayscale(0.2) (the synthetic images are colourful)
 
+
+
+def test_batched_views_follow_the_official_recipe(monkeypatch):
+    """BatchedViews' wiring, read from the calls it makes: crops of scale 0.2-1 and aspect 3/4-4/3; colour jitter
+    (0.4, 0.4, 0.2, 0.1) with p 0.8; blur on every image of view 1 and ~10 % of view 2, sigma ~ U(0.1, 2) x 16 / 224
+    over a 3-tap kernel; solarization (pixels >= 128 -> 255 - pixel) on ~20 % of view 2 only. A bright grey image
+    stays grey and above 128 through crop, jitter (brightness >= 0.6 x 230) and blur, so it is dark iff solarized."""
+    calls = {"crop": [], "jitter": [], "blur": []}
+    crops, jitter, blur = sit.sample_resized_crops, sit.color_jitter, sit.gaussian_blur
+
+    def record_crops(n, h, w, scale, ratio, *args):
+        calls["crop"].append((scale, ratio))
+        return crops(n, h, w, scale, ratio, *args)
+
+    def record_jitter(x, generator, **kw):
+        calls["jitter"].append(kw)
+        return jitter(x, generator, **kw)
+
+    def mark_blur(x, sigma, kernel_size):  # a blurred image comes out 100 higher: countable after the view
+        calls["blur"].append((sigma, kernel_size))
+        return blur(x, sigma, kernel_size) + 100
+
+    aug = sit.BatchedViews(16)
+    grey = torch.full((512, 3, 20, 20), 230, dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    solarized = [((v * std + mean).mean(dim=(1, 2, 3)) < 0.5).float().mean().item()
+                 for v in aug(grey, torch.Generator().manual_seed(0))]
+    assert solarized[0] == 0 and abs(solarized[1] - 0.2) < 0.07, solarized
+    monkeypatch.setattr(sit, "sample_resized_crops", record_crops)
+    monkeypatch.setattr(sit, "color_jitter", record_jitter)
+    monkeypatch.setattr(sit, "gaussian_blur", mark_blur)
+    views = aug(torch.randint(0, 256, (512, 3, 20, 20), generator=torch.Generator().manual_seed(1), dtype=torch.uint8),
+                torch.Generator().manual_seed(1))
+    blurred = [(v.abs().amax(dim=(1, 2, 3)) > 50).float().mean().item() for v in views]
+    assert blurred[0] == 1 and abs(blurred[1] - 0.1) < 0.05, blurred
+    assert calls["crop"] == [((0.2, 1.0), (3 / 4, 4 / 3))] * 2
+    assert calls["jitter"] == [dict(p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)] * 2
+    lo, hi = 0.1 * 16 / 224, 2.0 * 16 / 224
+    sigma = torch.cat([s for s, _ in calls["blur"]])
+    assert [k for _, k in calls["blur"]] == [3, 3] and sigma.min() >= lo and sigma.max() <= hi
+    wide = sit.BatchedViews(224)  # at 224 px: the official radii, +-3 sigma of the widest: 13 taps
+    assert wide.radius == pytest.approx((0.1, 2.0)) and wide.kernel_size == 13
+    assert sigma.min() < lo + 0.05 * (hi - lo) and sigma.max() > hi - 0.05 * (hi - lo)  # the whole range
+
+
+def test_pil_views_are_the_official_transforms():
+    """DataAugmentationSiT (the DataLoader path) is the official pipeline, step by step; its blur blurs with
+    probability p."""
+    from PIL import Image, ImageFilter
+    aug = sit.DataAugmentationSiT(32)
+    names = ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "PILGaussianBlur"]
+    assert [type(t).__name__ for t in aug.view1.transforms] == names + ["ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in aug.view2.transforms] == names + ["RandomSolarize", "ToTensor", "Normalize"]
+    for view, blur_p in ((aug.view1, 1.0), (aug.view2, 0.1)):
+        crop, flip, jitter, gray, blur = view.transforms[:5]
+        assert crop.size == (32, 32) and crop.scale == (0.2, 1.0) and crop.ratio == (3 / 4, 4 / 3)
+        assert crop.interpolation == TF.InterpolationMode.BICUBIC and flip.p == 0.5 and gray.p == 0.2
+        cj = jitter.transforms[0]
+        assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4),
+                                                                                           (0.8, 1.2), (-0.1, 0.1))
+        assert blur.p == blur_p and blur.radius == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+        assert list(view.transforms[-1].mean) == [0.485, 0.456, 0.406] and list(view.transforms[-1].std) == [
+            0.229, 0.224, 0.225]
+    solarize = aug.view2.transforms[5]
+    assert solarize.threshold == 128 and solarize.p == 0.2
+    img = Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(0),
+                                        dtype=torch.uint8).numpy())
+    always, never = sit.PILGaussianBlur(1.0, (1.0, 1.0)), sit.PILGaussianBlur(0.0, (1.0, 1.0))
+    assert always(img).tobytes() == img.filter(ImageFilter.GaussianBlur(1.0)).tobytes() != img.tobytes()
+    assert never(img) is img
 
 # ---------------------------------------------------------------------------------------------------- losses
 def test_reconstruction_loss_ignores_uncorrupted_pixels():
@@ -237,6 +350,79 @@ def test_gradients_are_clipped_per_parameter():
     assert a.grad.norm().item() == pytest.approx(3.0, rel=1e-5)  # clipped on its own
     assert torch.equal(b.grad, torch.tensor([0.6, 0.8]))  # below the limit: untouched (a global clip would scale it)
 
+
+
+def test_heads_are_the_official_layers():
+    """CLSHead: Linear, BN, ReLU, Linear, BN, GELU, Linear, BN without affine (the official mix of ReLU and GELU);
+    RECHead: three Linear(D, D) + GELU, then a transposed convolution with kernel = stride = the patch size."""
+    head = sit.CLSHead(8, out_dim=4, hidden_dim=16)
+    assert [type(m) for m in head.mlp] == [torch.nn.Linear, sit.SyncBatchNorm1d, torch.nn.ReLU, torch.nn.Linear,
+                                           sit.SyncBatchNorm1d, torch.nn.GELU, torch.nn.Linear, sit.SyncBatchNorm1d]
+    assert [(m.in_features, m.out_features) for m in head.mlp[::3]] == [(8, 16), (16, 16), (16, 4)]
+    assert [m.affine for m in head.mlp[1::3]] == [True, True, False]
+    rec = sit.RECHead(8, patch_size=4)
+    assert [type(m) for m in rec.mlp] == [torch.nn.Linear, torch.nn.GELU] * 3
+    assert rec.convTrans.kernel_size == rec.convTrans.stride == (4, 4) and rec.convTrans.out_channels == 3
+
+
+def test_reconstruction_is_each_patch_token_decoded_into_its_own_patch():
+    """The student's outputs rebuilt by hand from the encoder's tokens: the cls output is token 0; patch token k (of
+    the row-major grid) goes through the three Linear + GELU and becomes the 4 x 4 x 3 pixels of patch k through the
+    transposed convolution's weight [D, 3, 4, 4] and bias."""
+    m = tiny_sit().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cls, recon = m.reconstruct(x)
+        tokens = m.encoder.forward_features(x)  # [2, 1 + 16, 64]
+        h = tokens[:, 1:]
+        for linear in m.rec_head.mlp[::2]:
+            h = F.gelu(h @ linear.weight.T + linear.bias)
+        conv = m.rec_head.convTrans
+        patches = torch.einsum("bnd,dcuv->bncuv", h, conv.weight) + conv.bias.view(1, 1, 3, 1, 1)  # [2, 16, 3, 4, 4]
+        expected = patches.view(2, 4, 4, 3, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 16, 16)
+    assert torch.equal(cls, tokens[:, 0])
+    assert recon.shape == (2, 3, 16, 16) and torch.allclose(recon, expected, atol=1e-5)
+
+
+def test_official_initialisation():
+    """trunc_normal(std 0.02, cut at +-2, i.e. a plain normal) for pos_embed, the cls token and every Linear (biases
+    0) of the encoder and both heads; the patch conv and the transposed conv keep PyTorch's default (uniform, bound
+    1 / sqrt(fan_in) = 1 / sqrt(48): std 0.083); the teacher is a copy of the student."""
+    m = tiny_sit()
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 3 + 3 + 2 * 4 + 3  # encoder blocks (qkv, proj, fc1, fc2), heads, the teacher's
+    weights = torch.cat([mod.weight.flatten() for mod in linears])
+    assert abs(weights.std().item() - 0.02) < 0.001 and weights.abs().max() > 0.06  # not cut at +-1 std
+    assert all((mod.bias == 0).all() for mod in linears)
+    for p in (m.encoder.pos_embed, m.encoder.cls_token):
+        assert abs(p.std().item() - 0.02) < 0.006 and abs(p.mean().item()) < 0.006
+    for conv in (m.encoder.patch_embed.proj, m.rec_head.convTrans):
+        bound = 1 / math.sqrt(48)
+        assert conv.weight.abs().max() <= bound and abs(conv.weight.std().item() - bound / math.sqrt(3)) < 0.01
+
+
+def test_training_losses_recomputed_by_hand():
+    """training_losses (what main() calls) against its parts rebuilt from the same generator: each view corrupted on
+    its own, the teacher on the *clean* views, the student on the corrupted ones, the contrastive loss pairing each
+    student view with the teacher's other view, the L1 on the corrupted pixels only against the clean image, and
+    contrastive + lmbda x reconstruction."""
+    m = tiny_sit(drop_path=0.0, lmbda=5.0)
+    cfg = config(*SIT_TINY)
+    views = (images(4, 16, seed=6) - 3, images(4, 16, seed=7) - 3)
+    loss, c_loss, r_loss = sit.training_losses(m, views, cfg, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    corrupted, masks = zip(*(sit.gmml_corrupt(v, cfg, g) for v in views))
+    clean, corrupted, mask = torch.cat(views), torch.cat(corrupted), torch.cat(masks).bool().expand(8, 3, 16, 16)
+    with torch.no_grad():
+        teacher = m.teacher["cls_head"](m.teacher["encoder"].forward_features(clean)[:, 0])
+        cls, recon = m.reconstruct(corrupted)
+        student = m.cls_head(cls)
+    c_expected = sit.info_nce(student[:4], teacher[4:], 0.2) + sit.info_nce(student[4:], teacher[:4], 0.2)
+    r_expected = (recon - clean).abs()[mask].mean()
+    assert c_loss.item() == pytest.approx(c_expected.item(), rel=1e-5)
+    assert r_loss.item() == pytest.approx(r_expected.item(), rel=1e-5)
+    assert r_loss.item() != pytest.approx((recon - clean).abs()[~mask].mean().item(), rel=1e-2)
+    assert loss.item() == pytest.approx(c_loss.item() + 5.0 * r_loss.item(), rel=1e-6)
 
 def test_tiny_model_learns_one_batch():
     m = tiny_sit(lmbda=5.0)
@@ -372,6 +558,11 @@ def test_cli_end_to_end_and_exact_resume(tmp_path):
                                                                                  "linear_cls", "linear_mean"}
     epochs = read_log(full, "epoch")
     assert len(epochs) == 2 and all(e["contrastive"] > 0 and e["reconstruction"] > 0 for e in epochs)
+    lmbda = json.loads((full / "config.json").read_text())["lmbda"]
+    step_losses = [s["loss"] for s in read_log(full, "step")]
+    for e in epochs:  # the epoch's two parts add up to its loss, the mean of its 4 step losses
+        assert lmbda == 5.0 and e["loss"] == pytest.approx(e["contrastive"] + lmbda * e["reconstruction"], rel=1e-5)
+        assert e["loss"] == pytest.approx(sum(step_losses[4 * e["epoch"]:4 * e["epoch"] + 4]) / 4, rel=1e-5)
     assert "contrastive" in proc.stdout and "replace (30%)" in proc.stdout
     run_script("sit.py", *SIT_TINY, "--max-steps", 3, "--out", part, env=ONE_THREAD)
     run_script("sit.py", *SIT_TINY, "--out", part, "--resume", "auto", env=ONE_THREAD)
@@ -384,6 +575,96 @@ def test_cli_end_to_end_and_exact_resume(tmp_path):
     assert not torch.equal(a["teacher.encoder.cls_token"], a["encoder.cls_token"])  # the teacher lags the student
     enc = load(full / "encoder.pth")
     assert all(torch.equal(enc[k], a["encoder." + k]) for k in enc)
+
+
+
+def test_main_wires_the_schedules_the_clipping_and_the_teacher_update(tmp_path, monkeypatch):
+    """sit.main() itself (in this process, the final evaluation skipped), 2 epochs of 4 micro-steps with
+    --accum-iter 2, its calls recorded: the mean gradient of the two micro-steps, per-parameter clipping at 3 of
+    *every* student parameter, an optimizer step, then the teacher EMA at the updates (micro-steps 1, 3, 5, 7) with
+    momentum 1 - 0.004 (1 + cos(pi it / 8)) / 2 (official: cosine from 0.996 to 1 over all iterations); weight decay
+    of the decayed group (the >= 2-D weights) a cosine from 0.04 to 0.1, the other group 0; the lr warmed up over
+    half an epoch, then a cosine; the corruption drawn from the step's generator. The checkpoint's teacher is the EMA
+    of the recorded students, recomputed."""
+    import random
+    import signal
+    import numpy as np
+    from common import training
+    from common.data import mix_seed
+    rec = {"teacher": [], "clip": [], "opt": [], "seed": [], "micro": []}
+    update_teacher, clip_gradients, training_losses = sit.update_teacher, sit.clip_gradients, sit.training_losses
+
+    def record_update(model, momentum):
+        grads_cleared = all(p.grad is None for p in model.student_parameters())  # after step and zero_grad
+        if not rec["teacher"]:
+            rec["teacher0"] = {k: p.detach().clone() for k, p in model.teacher.named_parameters()}
+        rec["teacher"].append((momentum, grads_cleared, {k: p.detach().clone() for k, p in model.named_parameters()
+                                                         if not k.startswith("teacher.")}))
+        update_teacher(model, momentum)
+
+    def record_clip(parameters, clip):
+        parameters = list(parameters)
+        rec["clip"].append((clip, {id(p) for p in parameters}, len(rec["opt"])))
+        if len(rec["clip"]) == 1:
+            rec["grad"] = [p.grad.clone() for p in parameters]  # the first update's accumulated gradient
+        return clip_gradients(parameters, clip)
+
+    def record_losses(model, views, cfg, generator):
+        rec["seed"].append(generator.initial_seed())
+        losses = training_losses(model, views, cfg, generator)
+        if len(rec["seed"]) <= 2:  # the gradient of each micro-step of the first accumulation, from its own graph
+            rec["micro"].append(torch.autograd.grad(losses[0], list(model.student_parameters()), retain_graph=True))
+        return losses
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            rec["opt"].append([(g["lr"], g["weight_decay"]) for g in self.param_groups])
+            rec["groups"] = [{id(p): p.ndim for p in g["params"]} for g in self.param_groups]
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(sit, "update_teacher", record_update)
+    monkeypatch.setattr(sit, "clip_gradients", record_clip)
+    monkeypatch.setattr(sit, "training_losses", record_losses)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(sit, "report", lambda *args, **kwargs: None)  # the kNN / linear monitors: not under test
+    monkeypatch.setattr(training, "reuse_freed_host_memory", lambda device: False)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["sit.py", *SIT_TINY, "--accum-iter", "2", "--out", str(out)])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    py_rng, np_rng = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            sit.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["momentum_teacher"], cfg["weight_decay"], cfg["weight_decay_end"], cfg["clip_grad"], cfg["seed"]) == (
+        0.996, 0.04, 0.1, 3.0, 0)
+    updates = [1, 3, 5, 7]
+    half_cos = [(1 + math.cos(math.pi * it / 8)) / 2 for it in updates]  # 1 at the start, 0 at the end of 8 steps
+    assert [m for m, _, _ in rec["teacher"]] == pytest.approx([1 - 0.004 * c for c in half_cos], abs=1e-12)
+    assert all(cleared for _, cleared, _ in rec["teacher"])
+    peak, min_lr = 2e-3 * 32 / 256, cfg["min_lr"]
+    lrs = [peak * 0.25 / 0.5] + [min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (it / 4 - 0.5) / 1.5)) / 2
+                                 for it in updates[1:]]
+    assert [[lr for lr, _ in groups] for groups in rec["opt"]] == [pytest.approx([lr, lr], rel=1e-9) for lr in lrs]
+    assert [[wd for _, wd in groups] for groups in rec["opt"]] == [
+        pytest.approx([0.1 - 0.06 * c, 0.0], abs=1e-12) for c in half_cos]
+    assert all(n >= 2 for n in rec["groups"][0].values()) and all(n <= 1 for n in rec["groups"][1].values())
+    every = set(rec["groups"][0]) | set(rec["groups"][1])  # all the student's trainable parameters
+    assert [(clip, ids == every, before) for clip, ids, before in rec["clip"]] == [(3.0, True, k) for k in range(4)]
+    assert rec["seed"] == [mix_seed(0, 0, it) for it in range(8)]
+    assert all(torch.allclose(g, (g0 + g1) / 2, rtol=1e-4, atol=1e-7) for g, g0, g1 in zip(rec["grad"], *rec["micro"]))
+    teacher = rec["teacher0"]
+    for c, (_, _, student) in zip(half_cos, rec["teacher"]):
+        m = 1 - 0.004 * c
+        teacher = {k: m * v + (1 - m) * student[k] for k, v in teacher.items()}
+    saved = load(out / "checkpoint.pth")["model"]
+    assert all(torch.allclose(saved["teacher." + k], v, atol=1e-7) for k, v in teacher.items())
+    assert not torch.equal(saved["teacher.encoder.cls_token"], rec["teacher0"]["encoder.cls_token"])
 
 
 # ------------------------------------------------------------------------------------------------------ bench
