@@ -1,16 +1,19 @@
 """SimMIM: parameter count, mask generator, encoder masking, loss, init, schedule, learning, timm compatibility, and
 the CLI end to end."""
+import contextlib
 import json
 import math
 
 import pytest
 import torch
 
+import simmim
 from conftest import assert_encoder_matches_timm_beit, read_log, run_script
 from common import UserError
 from common.training import parse_config
 from common.vit import count_params
 from simmim import PRESETS, Config, MaskGenerator, SimMIM, simmim_lr
+from test_mae import assert_exported_encoder_is_the_trained_one, assert_main_follows_the_recipe, recompute_monitors
 
 
 def tiny_simmim(img_size=16, **kw):
@@ -195,6 +198,106 @@ def test_lr_schedule_multistep_and_cosine():
 
 
 # ------------------------------------------------------------------------------------------------------ learning
+def test_mask_generator_by_hand_non_square():
+    """A 16 x 32 image, units of 8 px, patches of 4: a 2 x 4 grid of units of 2 x 2 tokens on a 4 x 8 token grid;
+    ceil(8 x 0.6) = 5 units hidden (int() would give 4), those of the 5 smallest noises of the generator's draw."""
+    gen = MaskGenerator((16, 32), 8, 4, 0.6)
+    assert (gen.units, gen.scale, gen.mask_count) == ((2, 4), 2, 5)
+    mask = gen(3, torch.Generator().manual_seed(5))
+    noise = torch.rand(3, 8, generator=torch.Generator().manual_seed(5))
+    expected = torch.zeros(3, 4, 8)
+    for b in range(3):
+        for u in noise[b].argsort()[:5].tolist():
+            r, c = divmod(u, 4)  # unit (r, c) covers token rows 2r, 2r+1 and token columns 2c, 2c+1
+            expected[b, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = 1
+    assert torch.equal(mask, expected.flatten(1))
+
+
+def test_encoder_input_by_hand():
+    """The first block gets [cls, patch embeddings with every hidden one replaced by the mask token] (no absolute
+    position: the relative bias is the only position signal), and the feature map is norm(blocks(.)) without cls."""
+    m = tiny_simmim(drop_path=0.0).eval()
+    enc = m.encoder
+    with torch.no_grad():
+        m.mask_token.normal_()
+        enc.cls_token.normal_()
+        imgs = torch.randn(2, 3, 16, 16)
+        mask = MaskGenerator(16, 8, 4, 0.6)(2, torch.Generator().manual_seed(0))
+        seen = {}
+        enc.blocks[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+        fmap = m.forward_encoder(imgs, mask)
+        patches = enc.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # [2, 16, 64]
+        hidden = mask.bool().unsqueeze(-1)
+        tokens = torch.where(hidden, m.mask_token.expand(2, 16, -1), patches)
+        expected = torch.cat([enc.cls_token.expand(2, -1, -1), tokens], 1)
+        assert torch.allclose(seen["x"], expected, atol=1e-6)
+        x = expected
+        for block in enc.blocks:
+            x = block(x, enc.rel_pos_bias())
+        assert torch.allclose(fmap.flatten(2).transpose(1, 2), enc.norm(x)[:, 1:], atol=1e-5)
+
+
+def test_training_loss_masks_from_the_generator():
+    """training_loss (what main() and bench.py call): MaskGenerator(img, unit, patch, ratio) of the config drawn from
+    `generator`, then the model."""
+    m = tiny_simmim(drop_path=0.0)
+    cfg = Config(img_size=16, patch_size=4, mask_patch_size=8, mask_ratio=0.6)
+    imgs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        loss = simmim.training_loss(m, imgs, cfg, torch.Generator().manual_seed(7))
+        mask = MaskGenerator(16, 8, 4, 0.6)(3, torch.Generator().manual_seed(7))
+        assert loss.item() == pytest.approx(m(imgs, mask)[0].item(), rel=1e-6)
+        other = simmim.training_loss(m, imgs, cfg, torch.Generator().manual_seed(8))
+        assert loss.item() != pytest.approx(other.item(), rel=1e-4)
+
+
+def test_reconstruction_grid_rows(tmp_path, monkeypatch):
+    """save_reconstruction: the masks of seed 0; the prediction as it is (the target has no per-patch norm) and
+    pasted into the hidden pixels only."""
+    rows = {}
+    monkeypatch.setattr(simmim, "save_image_grid", lambda r, path, caption, labels: rows.update(zip(labels, r)))
+    m = tiny_simmim()
+    imgs = torch.randn(2, 3, 16, 16)
+    cfg = Config(img_size=16, patch_size=4, mask_patch_size=8, mask_ratio=0.6)
+    simmim.save_reconstruction(m, imgs, cfg, tmp_path / "r.png", "t", contextlib.nullcontext())
+    mask = MaskGenerator(16, 8, 4, 0.6)(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, rec = m.eval()(imgs, mask)
+    hidden = m.pixel_mask(mask)
+    assert torch.allclose(rows["prediction"], simmim.denormalize(rec), atol=1e-6)
+    assert torch.allclose(rows["pasted"], simmim.denormalize(torch.where(hidden == 1, rec, imgs)), atol=1e-6)
+
+
+def test_official_defaults_and_presets():
+    """The official ViT-B config (simmim_pretrain__vit_base__img224__800ep.yaml) as the defaults."""
+    cfg, _ = parse_config(Config, PRESETS, ["--data", "imagenet"])
+    assert (cfg.img_size, cfg.patch_size, cfg.mask_patch_size, cfg.mask_ratio) == (224, 16, 32, 0.6)
+    assert (cfg.epochs, cfg.batch_size, cfg.blr, cfg.warmup_epochs, cfg.sched, cfg.lr_step_at) == \
+        (800, 128, 1e-4, 10, "multistep", 0.875)
+    assert (cfg.clip_grad, cfg.weight_decay, cfg.drop_path, cfg.layer_scale, Config.lr_batch_div) == \
+        (5.0, 0.05, 0.1, 0.1, 512)
+    recipe = simmim.FINETUNE["imagenet"]
+    assert (recipe["schedule"], recipe["blr"], recipe["warmup_epochs"], recipe["layer_decay"], recipe["clip_grad"]) == \
+        ("timm", 1.25e-3, 20, 0.65, 5.0)
+
+
+def test_main_follows_the_recipe(tmp_path, monkeypatch, one_thread):
+    """simmim.main(): RandomResizedCrop(0.67, 1; 3/4, 4/3) bilinear; 3 of 4 units hidden from the step's generator;
+    lr from WARMUP_LR 5e-7 x 16 / 512 up over one epoch (2 steps), then the peak (the x0.1 step at 0.875 x 2 epochs
+    is not reached); the two micro-steps of an update averaged; AdamW(0.9, 0.999), no decay on the cls token."""
+    def hand_loss(model, imgs, seed):
+        noise = torch.rand(8, 4, generator=torch.Generator().manual_seed(seed))
+        units = torch.zeros(8, 4).scatter_(1, noise.argsort(1)[:, :3], 1.0).view(8, 2, 2)
+        mask = units.repeat_interleave(2, 1).repeat_interleave(2, 2).flatten(1)  # [8, 16] tokens
+        return model(imgs, mask)[0]
+    warm = 5e-7 * 16 / 512
+    assert_main_follows_the_recipe(
+        simmim, tmp_path, monkeypatch, ["--model", "vit_nano", "--img-size", 16, "--patch-size", 4,
+                                        "--mask-patch-size", 8, "--drop-path", 0], hand_loss,
+        dict(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bilinear"),
+        lambda peak: [warm, warm + (peak - warm) * 0.5, peak, peak], (0.9, 0.999), no_decay=("encoder.cls_token",))
+
+
 def test_tiny_model_overfits_one_batch(one_thread):
     m = tiny_simmim(drop_path=0.0)
     torch.manual_seed(0)
@@ -216,18 +319,32 @@ def test_encoder_loads_into_timm_beit_with_same_features():
     assert_encoder_matches_timm_beit(tiny_simmim(img_size=32).encoder)
 
 
-def test_cli_end_to_end(tmp_path, tiny):
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the CLI runs on one thread as this process does (same sums, same numbers)
+
+
+def test_cli_end_to_end(tmp_path, tiny, one_thread):
     out = tmp_path / "run"
-    run_script("simmim.py", *tiny, "--mask-patch-size", "8", "--warmup-epochs", "1", "--out", out)
+    # --blr 0.05 (lr 1.6e-3): 8 steps move the encoder far enough from its init that the monitors tell them apart
+    run_script("simmim.py", *tiny, "--mask-patch-size", "8", "--warmup-epochs", "1", "--blr", "0.05", "--out", out,
+               env=ONE_THREAD)
     for name in ("config.json", "log.jsonl", "checkpoint.pth", "encoder.pth", "recon_e0.png", "recon_e1.png",
                  "results.json"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "simmim" and results["global_step"] == 8  # 64 images / batch 16 x 2 epochs
     assert 0 < results["final_loss"] < 2
+    # final_loss: the mean loss of the last epoch's 4 steps, as logged
+    losses = [s["loss"] for s in read_log(out, "step")]
+    assert results["final_loss"] == pytest.approx(sum(losses[4:]) / 4, rel=1e-6)
+    assert results["final_loss"] < 0.95 * losses[0]  # the 8 steps learn (1.27 -> 1.11 here)
+    assert read_log(out, "epoch")[-1]["loss"] == results["final_loss"]
     for which in ("pretrained", "random_init"):
         assert set(results["eval"][which]) == {"knn_cls", "knn_mean", "linear_cls", "linear_mean"}
         assert all(0 <= v <= 100 for v in results["eval"][which].values())
+    # the numbers are those of the exported encoder and of the seed's initial encoder, computed again here
+    assert results["eval"] == recompute_monitors(simmim, out)
+    assert results["eval"]["pretrained"] != results["eval"]["random_init"]  # (so the line above tells them apart)
+    assert_exported_encoder_is_the_trained_one(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "vit_nano" and cfg["mask_patch_size"] == 8
     assert cfg["lr"] == pytest.approx(cfg["blr"] * 16 / 512)  # SimMIM scales by 512
@@ -242,5 +359,5 @@ def test_cli_end_to_end(tmp_path, tiny):
     assert "pos_embed" not in state
     # --eval-only re-runs evaluation from the checkpoint and gets the same numbers
     run_script("simmim.py", *tiny, "--mask-patch-size", "8", "--out", out, "--eval-only", "--resume",
-               out / "checkpoint.pth")
+               out / "checkpoint.pth", env=ONE_THREAD)
     assert json.loads((out / "results.json").read_text())["eval"] == results["eval"]
