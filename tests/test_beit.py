@@ -60,12 +60,13 @@ def test_mask_generator_statistics_at_imagenet_size():
     the count is 75 for most images but not all; the per-position frequency is symmetric under flips."""
     gen = beit.MaskingGenerator(14, 75, 16, None, 0.3)
     rng = random.Random(0)
-    counts, freq = [], np.zeros((14, 14))
+    counts, freq, log_aspects = [], np.zeros((14, 14)), []
     for _ in range(2000):
         boxes = []
         mask = gen.draw(rng, boxes)
         counts.append(int(mask.sum()))
         freq += mask
+        log_aspects += [math.log(b[5]) for b in boxes]
         replay = np.zeros((14, 14), dtype=np.int64)
         for top, lft, h, w, area, aspect in boxes:
             left = 75 - replay.sum()  # the budget when this block was drawn
@@ -84,6 +85,14 @@ def test_mask_generator_statistics_at_imagenet_size():
     freq /= 2000
     assert np.abs(freq - freq[::-1]).max() < 0.06 and np.abs(freq - freq[:, ::-1]).max() < 0.06
     assert freq[5:9, 5:9].mean() > freq[[0, 0, -1, -1], [0, -1, 0, -1]].mean()  # blocks cover the centre more
+    # the aspect is log-uniform in [0.3, 1/0.3] (official: exp(uniform(log 0.3, log 1/0.3))), and the accepted blocks
+    # keep that symmetry (a block and its transpose fit alike): log r averages 0, half the blocks are tall. A uniform
+    # draw of r in [0.3, 3.33] gives E[log r] = 0.44 and only 23 % of the draws below 1.
+    log_aspects = np.array(log_aspects)
+    assert len(log_aspects) > 4000
+    assert abs(log_aspects.mean()) < 0.05, log_aspects.mean()
+    assert abs((log_aspects < 0).mean() - 0.5) < 0.04
+    assert log_aspects.min() < math.log(0.4) and log_aspects.max() > math.log(2.5)  # the whole range is drawn
 
 
 def test_mask_generator_hand_check_on_a_small_grid():
@@ -115,6 +124,19 @@ def test_mask_budget_scales_with_the_grid(img, patch, grid, num, min_block):
     assert (gen.height, gen.num_masking_patches, gen.min_num_patches) == (grid, num, min_block)
 
 
+def test_mask_generator_takes_every_masking_flag():
+    """--num-mask-patches, --min/max-mask-patches-per-block and --min-aspect reach the generator: the aspect range is
+    [log min_aspect, log 1/min_aspect]."""
+    gen = beit.mask_generator(beit.Config(img_size=32, patch_size=4, num_mask_patches=20, min_mask_patches_per_block=3,
+                                          max_mask_patches_per_block=10, min_aspect=0.5))
+    assert (gen.height, gen.width, gen.num_masking_patches) == (8, 8, 20)
+    assert (gen.min_num_patches, gen.max_num_patches) == (3, 10)
+    assert gen.log_aspect_ratio == pytest.approx((math.log(0.5), math.log(2.0)), rel=1e-12)
+    default = beit.mask_generator(beit.Config(img_size=32, patch_size=4))
+    assert default.max_num_patches == 24
+    assert default.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
+
+
 def test_step_masks_follow_the_step_generator():
     cfg = beit.Config(img_size=32, patch_size=4)
     gen = beit.mask_generator(cfg)
@@ -122,6 +144,25 @@ def test_step_masks_follow_the_step_generator():
     assert torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(5))))
     assert not torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(6))))
     assert (a.sum(1) <= 24).all()
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(a, gen(8, random.Random(g.initial_seed())))  # the Random is seeded by the step's seed
+
+
+def test_pretraining_step_draws_the_masks_of_its_step():
+    """pretraining_step (main's step and bench.py's): masks from the step generator's Random, the tokenizer view as the
+    tokenizer's input, slots = the generator's budget -> exactly model(imgs, view, those masks, budget)."""
+    m = tiny_beit().eval()
+    masks = beit.MaskingGenerator(4, 6, 2)
+    imgs, view = torch.randn(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        loss, acc = beit.pretraining_step(m, (imgs, view), masks, torch.Generator().manual_seed(11))
+        mask = masks(3, random.Random(11))
+        expected = m(imgs, view, mask, 6)
+        other = beit.pretraining_step(m, (imgs, view), masks, torch.Generator().manual_seed(12))[0]
+    assert mask.sum(1).max() > 2  # the budget matters: more masked patches than the smallest block
+    assert loss.item() == pytest.approx(expected[0].item(), rel=1e-6)
+    assert acc.item() == pytest.approx(expected[1].item())
+    assert other.item() != pytest.approx(loss.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer
@@ -139,6 +180,117 @@ def test_tokenizer_shapes_and_decode():
     assert torch.equal(hard, ids) and terms["tau"] == 1.0 and terms["beta"] == 0.0 and torch.isfinite(loss)
     assert 0 <= terms["kl"] <= math.log(64) + 1e-5
     assert beit.cosine_anneal(1.0, 0.05, 1.0, 1 / 16) == 1 / 16 and beit.cosine_anneal(0.025, 0.05, 1.0, 0.0) == pytest.approx(0.5)
+
+
+def test_pixel_map_and_encoder_input():
+    """DALL-E's map_pixels x -> 0.8 x + 0.1 (eps 0.1) and its inverse, clamped to [0, 1]; the encoder sees the mapped
+    view; its logits are [B, V, h, w]."""
+    x = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.allclose(beit.map_pixels(x), torch.tensor([0.1, 0.3, 0.9]))
+    y = torch.tensor([0.1, 0.3, 0.9, 0.0, 1.0])
+    assert torch.allclose(beit.unmap_pixels(y), torch.tensor([0.0, 0.25, 1.0, 0.0, 1.0]))
+    tok = tiny_tokenizer()
+    view = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert tok.logits(view).shape == (2, 64, 4, 4)
+        assert torch.allclose(tok.logits(view), tok.encoder(0.8 * view + 0.1), atol=1e-6)
+        # decode: the codes' embeddings as a [B, d, h, w] map (row-major), the image unmap(sigmoid(location))
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        z = torch.zeros(2, 16, 4, 4)  # [B, d, h, w]: code of id i * 4 + j at (i, j)
+        for b in range(2):
+            for i in range(4):
+                for j in range(4):
+                    z[b, :, i, j] = tok.codebook.weight[ids[b, i * 4 + j]]
+        mu = tok.decoder(z)[:, :3]
+        assert torch.allclose(tok.decode(ids, (4, 4)), ((torch.sigmoid(mu) - 0.1) / 0.8).clamp(0, 1), atol=1e-6)
+
+
+def dvae_loss_by_hand(tok, view, seed, progress):
+    """DALL-E's stage-1 loss written out: tau and beta from their half-cosine schedules, Gumbel noise -log(-log u)
+    from the generator's uniforms (one per logit), relaxed one-hots softmax((logits + g) / tau) (or the sample's
+    one-hot with --dvae-straight-through), the decoder on their mix of codes, the reconstruction NLL per pixel
+    dimension, KL(q || uniform) per position, loss = nll + beta kl / (3 s^2)."""
+    s = tok.schedule
+
+    def anneal(span, start, end):
+        return end if progress >= span else end + (start - end) * (1 + math.cos(math.pi * progress / span)) / 2
+    tau, beta = anneal(s["temp_anneal"], 1.0, s["temp_end"]), anneal(s["kl_warmup"], 0.0, s["kl_weight"])
+    logits = tok.encoder(0.8 * view + 0.1)  # [B, V, h, w]
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(seed))
+    soft = torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=1)
+    mix = soft
+    if s["straight_through"]:
+        mix = F.one_hot(soft.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).float()
+    z = (mix.unsqueeze(2) * tok.codebook.weight.view(1, *tok.codebook.weight.shape, 1, 1)).sum(1)  # [B, d, h, w]
+    stats = tok.decoder(z)
+    mu, log_b = stats[:, :3], stats[:, 3:].clamp(min=math.log(1e-3))
+    if s["recon"] == "laplace":
+        x = 0.8 * view + 0.1
+        # logit-Laplace: a Laplace(mu, b) on logit(x), times the Jacobian 1 / (x (1 - x)) of the logit
+        laplace = torch.distributions.Laplace(mu, log_b.exp())
+        log_density = laplace.log_prob(torch.log(x / (1 - x))) - torch.log(x * (1 - x))
+        nll = -log_density.mean()
+    else:
+        mean = ((torch.sigmoid(mu) - 0.1) / 0.8).clamp(0, 1)
+        nll = -torch.distributions.Normal(mean, 0.1).log_prob(view).mean()
+    q = torch.softmax(logits, dim=1)
+    kl = (q * torch.log(q * logits.shape[1])).sum(1).mean()
+    return nll + beta * kl / (3 * tok.stride ** 2), nll, kl, tau, beta
+
+
+@pytest.mark.parametrize("recon,straight_through", [("gauss", False), ("laplace", False), ("gauss", True)])
+def test_dvae_loss_recomputed_by_hand(recon, straight_through):
+    tok = tiny_tokenizer()
+    tok.schedule = beit.dvae_schedule(beit.Config(dvae_kl_warmup=0.5, dvae_temp_anneal=0.6, dvae_temp_end=0.2,
+                                                  dvae_kl_weight=5.0, dvae_recon=recon,
+                                                  dvae_straight_through=straight_through))
+    view = torch.rand(2, 3, 16, 16)
+    if recon == "laplace":  # log-scales below the floor log(1e-3) in one channel: the clamp counts
+        with torch.no_grad():
+            tok.decoder[-1].bias[3] -= 9.0
+    for progress in (0.2, 0.7):  # within both schedules; after both
+        loss, ids, terms = tok(view, torch.Generator().manual_seed(3), progress)
+        ref, nll, kl, tau, beta = dvae_loss_by_hand(tok, view, 3, progress)
+        assert terms["tau"] == pytest.approx(tau, rel=1e-12) and terms["beta"] == pytest.approx(beta, rel=1e-12)
+        assert 0 < beta and tau < 1
+        assert terms["nll"].item() == pytest.approx(nll.item(), rel=1e-5)
+        assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.equal(ids, tok.get_codebook_indices(view))
+    # gradients: the relaxed sample's (through the encoder) -- for straight-through the gradient at the hard
+    # one-hot, passed to the soft sample unchanged
+    grads = torch.autograd.grad(loss, [tok.encoder[-1].weight, tok.decoder[-1].weight])
+    ref_grads = torch.autograd.grad(dvae_loss_by_hand(tok, view, 3, 0.7)[0], [tok.encoder[-1].weight,
+                                                                             tok.decoder[-1].weight])
+    if straight_through:  # the reference's one-hot has no gradient: rebuild the straight-through path by hand
+        s = tok.schedule
+        logits = tok.encoder(0.8 * view + 0.1)
+        u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(3))
+        soft = torch.softmax((logits - torch.log(-torch.log(u))) / s["temp_end"], dim=1)
+        hard = F.one_hot(soft.argmax(1), 64).permute(0, 3, 1, 2).float().requires_grad_(True)
+        z = torch.einsum("bvhw,vd->bdhw", hard, tok.codebook.weight)
+        mean = ((torch.sigmoid(tok.decoder(z)[:, :3]) - 0.1) / 0.8).clamp(0, 1)
+        nll = -torch.distributions.Normal(mean, 0.1).log_prob(view).mean()
+        (g_hard,) = torch.autograd.grad(nll, hard, retain_graph=True)
+        q = torch.softmax(logits, dim=1)
+        kl = (q * torch.log(q * 64)).sum(1).mean()
+        surrogate = (soft * g_hard).sum() + s["kl_weight"] * kl / (3 * 16)
+        ref_grads = (torch.autograd.grad(surrogate, tok.encoder[-1].weight)[0],
+                     torch.autograd.grad(nll, tok.decoder[-1].weight)[0])
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_dvae_config_reaches_the_tokenizer():
+    cfg = beit.Config(vocab_size=32, dvae_stride=2, dvae_hidden=8, dvae_codebook_dim=12, dvae_kl_weight=5.0,
+                      dvae_kl_warmup=0.3, dvae_temp_anneal=0.2, dvae_temp_end=0.1, dvae_recon="laplace",
+                      dvae_straight_through=True)
+    tok = beit.new_dvae(cfg)
+    assert tok.config == dict(vocab_size=32, stride=2, hidden=8, codebook_dim=12)
+    assert tok.codebook.weight.shape == (32, 12) and tok.encoder[0][0].out_channels == 8
+    assert tok.schedule == dict(temp_anneal=0.2, temp_end=0.1, kl_warmup=0.3, kl_weight=5.0, straight_through=True,
+                                recon="laplace")
+    assert beit.new_dvae(cfg, dict(vocab_size=16, stride=4, hidden=4, codebook_dim=6)).config["codebook_dim"] == 6
 
 
 def test_tokenizer_uses_many_codes_after_a_short_fit(one_thread):
@@ -184,6 +336,16 @@ def test_loss_is_cross_entropy_on_masked_positions_only():
         logits = m.lm_head(x[mask])  # the official lm_head(x[bool_masked_pos]): [5, V]
     assert loss.item() == pytest.approx(F.cross_entropy(logits, ids[mask]).item(), rel=1e-6)
     assert acc.item() == pytest.approx((logits.argmax(-1) == ids[mask]).float().mean().item())
+    # accuracy = right predictions / masked positions (padding slots count for neither): targets that agree with
+    # the predictions at 2 of the 5 masked positions give 0.4
+    with torch.no_grad():
+        pred = m.lm_head(m.forward_encoder(imgs, mask)).argmax(-1)  # [B, N]
+    target = (pred + 1) % 64
+    target[0, 5], target[1, 15] = pred[0, 5], pred[1, 15]
+    m.tokenizer.get_codebook_indices = lambda v: target
+    with torch.no_grad():
+        assert m(imgs, view, mask, 6)[1].item() == pytest.approx(0.4)
+    del m.tokenizer.get_codebook_indices
     # other targets at visible positions change nothing; at a masked one, the loss
     assert_loss_ignores_visible_targets(m, imgs, view, mask, 6, ids, loss, changed=(0, 1))
     order, valid = beit.masked_positions(mask, 6)
@@ -202,6 +364,27 @@ def test_hidden_patches_do_not_reach_the_encoder():
         assert not torch.allclose(out, m.forward_encoder(imgs + 5 * torch.randn_like(imgs) * (1 - hidden), mask))
 
 
+def test_forward_encoder_by_hand():
+    """The encoder input: each masked patch's embedding replaced by the mask token (no position embedding: the
+    relative bias), the cls token in front, the blocks, the final norm, the cls dropped. Without a mask: the encoder's
+    own features."""
+    m = tiny_beit().eval()
+    enc = m.encoder
+    imgs = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [0, 3, 4]] = mask[1, [7, 15]] = True
+    with torch.no_grad():
+        assert torch.allclose(m.forward_encoder(imgs, torch.zeros_like(mask)), enc.forward_features(imgs)[:, 1:],
+                              atol=1e-6)
+        x = enc.patch_embed(imgs).clone()  # [B, N, D]
+        x[mask] = m.mask_token[0, 0]
+        x = torch.cat([enc.cls_token.expand(2, -1, -1), x], dim=1)
+        bias = enc.rel_pos_bias()
+        for block in enc.blocks:
+            x = block(x, bias)
+        assert torch.allclose(m.forward_encoder(imgs, mask), enc.norm(x)[:, 1:], atol=1e-6)
+
+
 def test_official_init_shared_with_simmim():
     torch.manual_seed(0)
     m = beit.BEiT(tiny_tokenizer(), 32, 4, "vit_nano", 64)
@@ -217,6 +400,7 @@ def test_official_init_shared_with_simmim():
             assert w.std().item() * math.sqrt(2 * layer) == pytest.approx(sigma_std, rel=0.05)
         assert torch.all(block.gamma_1 == 0.1) and block.attn.qkv.bias is None
     assert torch.all(m.lm_head.bias == 0) and enc.pos_embed is None
+    assert m.mask_token.std().item() == pytest.approx(sigma_std, rel=0.3)  # 64 values: drawn, not left at zero
     assert torch.all(enc.rel_pos_bias.relative_position_bias_table == 0)
     assert not any(p.requires_grad for p in m.tokenizer.parameters())
     m.train()
@@ -247,6 +431,40 @@ def test_two_views_share_one_crop(one_thread):
     x = torch.full((2, 3, 4, 4), 0.5)
     y = color_jitter(x, torch.Generator().manual_seed(0), brightness=0.4, contrast=0.4, saturation=0.4)  # BEiT's
     assert ((y / 0.5) >= 0.6 ** 3 - 1e-6).all() and ((y / 0.5) <= 1.4 ** 3 + 1e-6).all()
+
+
+def test_two_views_by_hand(one_thread):
+    """The resident path written out: colour jitter (0.4, 0.4, 0.4) on the whole image first, then one crop box
+    (scale 0.08-1, ratio 3/4-4/3) and one flip per image from the same generator, the model view bicubic and
+    normalised, the tokenizer view bicubic at its size and clamped to [0, 1]."""
+    from common.data import IMAGENET_MEAN, IMAGENET_STD, color_jitter, crop_resize_flip, sample_resized_crops
+    imgs = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    model_view, tok_view = beit.two_view_augment(16, 8)(imgs, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = color_jitter(imgs.float() / 255, g, brightness=0.4, contrast=0.4, saturation=0.4)
+    box = sample_resized_crops(6, 20, 20, (0.08, 1.0), (3 / 4, 4 / 3), g, "cpu")
+    flip = torch.rand(6, generator=g) < 0.5
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(model_view, (crop_resize_flip(x, *box, flip, 16, "bicubic") - mean) / std, atol=1e-5)
+    assert torch.allclose(tok_view, crop_resize_flip(x, *box, flip, 8, "bicubic").clamp(0, 1), atol=1e-6)
+    assert not torch.allclose(x, imgs.float() / 255, atol=1e-3) and 0 < flip.sum() < 6
+
+
+def test_two_view_transform_one_box_for_both_views():
+    """The PIL path (official DataAugmentationForBEiT): one jittered, flipped image and one crop box for both
+    views, the model view bicubic + normalised, the tokenizer view with the tokenizer's interpolation."""
+    from PIL import Image
+    from common.data import IMAGENET_MEAN, IMAGENET_STD
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model_view, tok_view = beit.two_view_transform(16, 16, "bicubic")(img)
+        assert model_view.shape == tok_view.shape == (3, 16, 16)
+        assert torch.allclose(model_view * std + mean, tok_view, atol=1e-5)  # same box, same resize, same pixels
+        torch.manual_seed(seed)
+        lanczos = beit.two_view_transform(16, 16, "lanczos")(img)
+        assert torch.allclose(lanczos[0], model_view) and not torch.allclose(lanczos[1], tok_view, atol=1e-3)
 
 
 def test_encoder_loads_into_timm_beit_with_same_features():
@@ -282,9 +500,22 @@ def test_cli_walks_tokenizer_pretraining_monitors_files(first_run):
     (tok_epoch,) = read_log(out, "tokenizer_epoch")
     assert {"recon_error", "perplexity", "codes_used", "nll", "kl"} <= set(tok_epoch)
     assert 1 <= tok_epoch["perplexity"] <= 64 and 0 < tok_epoch["codes_used"] <= 1 and tok_epoch["recon_error"] > 0
+    used = tok_epoch["codes_used"] * 64  # a fraction of 64 codes (rounded to 4 places): a whole number of codes,
+    assert abs(used - round(used)) < 0.01 and tok_epoch["perplexity"] <= round(used) + 0.01  # >= the perplexity
     saved = torch.load(out / "tokenizer.pth", weights_only=True)
     assert saved["kind"] == "dvae" and saved["complete"] and "optimizer" not in saved
     assert saved["config"] == dict(vocab_size=64, stride=4, hidden=16, codebook_dim=16)
+    cfg = json.loads((out / "config.json").read_text())
+    # stage 1's log: each epoch's means are the means of its steps' values; the lr is the cosine from
+    # --tokenizer-lr to --tokenizer-min-lr over the stage (4 steps); loss = nll + beta kl / (3 x 4 x 4)
+    tok_steps = read_log(out, "tokenizer_step")
+    assert [s["step"] for s in tok_steps] == list(range(4))
+    for key in ("loss", "nll", "kl"):
+        assert tok_epoch[key] == pytest.approx(np.mean([s[key] for s in tok_steps]), abs=1e-5), key
+    lo, hi = cfg["tokenizer_min_lr"], cfg["tokenizer_lr"]
+    assert [s["lr"] for s in tok_steps] == pytest.approx([lo + (hi - lo) * (1 + math.cos(math.pi * i / 4)) / 2
+                                                          for i in range(4)], rel=1e-9)
+    assert all(s["loss"] == pytest.approx(s["nll"] + s["beta"] * s["kl"] / 48, abs=2e-6) for s in tok_steps)
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "beit" and results["global_step"] == 8  # 64 images / 16 x 2 epochs
     assert 0 <= results["mlm_acc"] <= 1 and 0 < results["final_loss"] < 2 * math.log(64)
@@ -293,11 +524,25 @@ def test_cli_walks_tokenizer_pretraining_monitors_files(first_run):
         assert set(results["eval"][which]) == {"knn_cls", "knn_mean", "linear_cls", "linear_mean"}
     epochs = read_log(out, "epoch")
     assert len(epochs) == 2 and all(0 <= e["mlm_acc"] <= 1 for e in epochs)
-    cfg = json.loads((out / "config.json").read_text())
+    # the values a wrong loop would change: final_loss is the last epoch's mean step loss, mlm_acc its accuracy
+    losses = [s["loss"] for s in read_log(out, "step")]
+    assert [e["loss"] for e in epochs] == pytest.approx([np.mean(losses[:4]), np.mean(losses[4:])], rel=1e-6)
+    assert results["final_loss"] == pytest.approx(epochs[-1]["loss"], rel=1e-12)
+    assert results["mlm_acc"] == pytest.approx(epochs[-1]["mlm_acc"], abs=6e-6)
+    # the tokenizer file holds what stage 1 measured: its recon_error recomputed from the saved dVAE
+    tok, _ = beit.load_tokenizer(out / "tokenizer.pth", "dvae", lambda c: beit.DVAE(**c))
+    views = beit.fixed_views(beit.Config(**{k: v for k, v in cfg.items() if k in beit.Config.__dataclass_fields__}),
+                             type("R", (), {"device": torch.device("cpu")}), 16, 256)
+    with torch.no_grad():
+        ids = tok.logits(views).argmax(1).flatten(1)
+        decoded = tok.decode(ids, (4, 4))
+    assert tok_epoch["recon_error"] == pytest.approx(((decoded - views) ** 2).mean().item(), rel=0.02)
     assert cfg["lr"] == pytest.approx(cfg["blr"] * 16 / 256) and cfg["clip_grad"] == 3.0
     lrs = [s["lr"] for s in read_log(out, "step")]  # warm-up 0.5 epoch = 2 steps: linspace(0, lr, 2), then cosine
     assert lrs[:4] == pytest.approx([0.0, cfg["lr"], cfg["lr"], cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (
         1 + math.cos(math.pi / 6))], rel=1e-6)
+    assert lrs == pytest.approx([0.0, cfg["lr"]] + [cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (
+        1 + math.cos(math.pi * j / 6)) for j in range(6)], rel=1e-6)  # the cosine runs on across the epochs
     state = torch.load(out / "encoder.pth", weights_only=True)
     assert "mask_token" not in state and not any(k.startswith("tokenizer") for k in state)
 
@@ -309,6 +554,51 @@ def test_resume_reuses_the_tokenizer(first_run):
     assert "stage 1:" not in proc.stdout and f"tokenizer: dvae from {out}/tokenizer.pth" in proc.stdout
     assert (out / "tokenizer.pth").read_bytes() == before
     assert [s["step"] for s in read_log(out, "step")] == list(range(12))  # 8 steps, then 4 more
+
+
+def main_in_process(module, argv, monkeypatch):
+    """`module.main()` in this process with `argv`, every pretraining_step recorded (its generator's seed, the mask
+    generator, the batch size, the returned loss and accuracy); the monitors and exports are skipped (report
+    stubbed). Returns the records. The signal handlers Run installs are restored."""
+    import signal
+    calls = []
+    real = module.pretraining_step
+
+    def spy(model, batch, masks, generator):
+        loss, acc = real(model, batch, masks, generator)
+        calls.append(dict(seed=generator.initial_seed(), masks=masks, batch=batch[0].shape[0], loss=loss.item(),
+                          acc=acc.item()))
+        return loss, acc
+    monkeypatch.setattr(module, "pretraining_step", spy)
+    monkeypatch.setattr(module, "report", lambda *a, **k: {})
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, argv)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        module.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return calls
+
+
+def test_main_steps_draw_fresh_masks_and_average_the_accuracy(first_run, tmp_path, monkeypatch, one_thread):
+    """main()'s loop, in process with the CLI run's tokenizer: step `it` draws its masks from the generator seeded
+    by (seed, rank 0, it) -- new masks every step of every epoch -- with the run's mask generator; an epoch's
+    mlm_acc is the mean of its steps' accuracies, results.json's the last epoch's; the step log has each loss."""
+    from common.data import mix_seed
+    first, _ = first_run
+    out = tmp_path / "run"
+    calls = main_in_process(beit, [*BEIT_TINY, "--blr", "0.05", "--tokenizer", first / "tokenizer.pth", "--out", out],
+                            monkeypatch)  # (a high lr: the head soon predicts the common tokens, accuracy > 0)
+    assert [c["seed"] for c in calls] == [mix_seed(0, 0, it) for it in range(8)]
+    assert all(type(c["masks"]) is beit.MaskingGenerator and c["masks"].num_masking_patches == 6 and c["batch"] == 16
+               for c in calls)
+    epochs = read_log(out, "epoch")
+    accs = [np.mean([c["acc"] for c in calls[:4]]), np.mean([c["acc"] for c in calls[4:]])]
+    assert [e["mlm_acc"] for e in epochs] == pytest.approx(accs, abs=6e-6)
+    assert json.loads((out / "results.json").read_text())["mlm_acc"] == pytest.approx(accs[1], rel=1e-6)
+    assert [s["loss"] for s in read_log(out, "step")] == pytest.approx([c["loss"] for c in calls], rel=1e-6)
+    assert 0 < accs[0] < accs[1]  # (the accuracies are not all zero, so a dropped sum would show)
 
 
 def test_stage_tokenizer_into_a_new_path_then_ddp_pretraining_reusing_it(first_run, tmp_path):
@@ -364,6 +654,17 @@ def test_stage_one_stopped_mid_epoch_then_continued_equals_an_uninterrupted_run(
     assert "unfinished stage 1 (epoch 0, step 3): continuing it" in proc.stdout and "stage 1 done" in proc.stdout
     losses = {s["step"]: s["loss"] for s in read_log(full, "tokenizer_step")}
     assert sorted(losses) == list(range(8))
+    # DALL-E's schedules over the whole stage (progress = step / 8, across the epoch boundary): half cosines from
+    # tau 1 and beta 0 to their ends over the run's fractions (the demo preset's: 0.5 and 0.2 of stage 1)
+    cfg = json.loads((full / "config.json").read_text())
+
+    def anneal(progress, span, start, end):
+        return end if progress >= span else end + (start - end) * (1 + math.cos(math.pi * progress / span)) / 2
+    for s in read_log(full, "tokenizer_step"):
+        p = s["step"] / 8
+        assert s["tau"] == pytest.approx(anneal(p, cfg["dvae_temp_anneal"], 1, cfg["dvae_temp_end"]), abs=1e-6)
+        assert s["beta"] == pytest.approx(anneal(p, cfg["dvae_kl_warmup"], 0, cfg["dvae_kl_weight"]), abs=1e-6)
+    assert 0 < cfg["dvae_kl_warmup"] < 0.5 and 0.5 <= cfg["dvae_temp_anneal"] < 1  # both move across the boundary
     assert {s["step"]: s["loss"] for s in read_log(part, "tokenizer_step")} == losses
     a, b = (torch.load(d / "tokenizer.pth", weights_only=True) for d in (full, part))
     assert a["complete"] and b["complete"] and a["model"].keys() == b["model"].keys()
