@@ -7,8 +7,8 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from common import data
-from common.data import (LoaderData, ResidentData, SyntheticDataset, crop_resize_flip, epoch_order, pretrain_transform,
-                         sample_resized_crops)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, LoaderData, ResidentData, SyntheticDataset, crop_resize_flip,
+                         epoch_order, mix_seed, pretrain_transform, sample_resized_crops)
 
 CPU = torch.device("cpu")
 
@@ -36,11 +36,56 @@ def test_crop_statistics_match_torchvision(size, scale):
         assert torch.allclose(ours.quantile(q, 0), ref.quantile(q, 0), atol=0.03)
 
 
+def reference_crop(H, W, scale, ratio, targets, log_ratios, u_top, u_left):
+    """torchvision's RandomResizedCrop.get_params for one image, line by line, on given draws: the first of the 10
+    tries (area, log aspect) that fits wins, placed at randint(0, H - h + 1) (= floor(u x (H - h + 1))); if none fits,
+    the whole image clamped to the aspect range, centred. Returns (top, left, h, w, whether it fell back)."""
+    for target, log_r in zip(targets, log_ratios):
+        aspect = torch.exp(log_r)
+        w, h = int(torch.round(torch.sqrt(target * aspect))), int(torch.round(torch.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(torch.floor(u_top * (H - h + 1))), int(torch.floor(u_left * (W - w + 1))), h, w, False
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        w, h = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(H * max(ratio))), H
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w, True
+
+
+@pytest.mark.parametrize("size,scale,ratio", [
+    ((32, 32), (0.2, 1.0), (3 / 4, 4 / 3)), ((16, 24), (0.08, 1.0), (0.5, 1.5)), ((16, 16), (0.6, 1.0), (1.2, 3.0)),
+    ((30, 20), (1.5, 2.0), (3 / 4, 4 / 3)), ((20, 30), (1.5, 2.0), (3 / 4, 4 / 3)), ((20, 24), (1.5, 2.0), (3 / 4, 4 / 3))])
+def test_crops_equal_torchvisions_get_params_on_the_same_draws(size, scale, ratio):
+    """Every crop, exactly, against get_params replayed on the same draws (areas and log aspects [n, 10] for the
+    tries, then the two position draws [2, n]): an asymmetric aspect range tells width from height, areas above 1
+    and extreme aspects force the fallback (taller, wider and in-range images)."""
+    H, W = size
+    n = 300
+    top, left, h, w = sample_resized_crops(n, H, W, scale, ratio, torch.Generator().manual_seed(1), CPU)
+    g = torch.Generator().manual_seed(1)
+    targets = H * W * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=g)
+    log_ratios = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    u = torch.rand(2, n, generator=g)
+    expected = [reference_crop(H, W, scale, ratio, targets[i], log_ratios[i], u[0, i], u[1, i]) for i in range(n)]
+    assert torch.stack([top, left, h, w], 1).tolist() == [list(map(float, e[:4])) for e in expected]
+    fallbacks = sum(e[4] for e in expected)
+    if scale[0] > 1:
+        assert fallbacks == n and len(set(expected)) == 1  # nothing fits: every image takes the one fallback
+    elif size == (16, 16):
+        assert 0 < fallbacks < n and (1, 0, 13, 16, True) in expected  # some fall back (16 x 16 / 1.2), some fit
+    else:
+        assert fallbacks < n
+
+
 def test_flip_rate_and_identity_crop():
     images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8)
     data = ResidentData(images, torch.zeros(400), 400, 8, (1.0, 1.0), (1.0, 1.0), "bilinear", 0, 0, 1, CPU)
     out, _ = next(data.epoch(0))
-    x = (images.float() - data.mean) / data.std
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std  # normalised as the DataLoader path's ToTensor + Normalize
     src = x[epoch_order(400, 0, 0, 0, 1)]
     same = torch.isclose(out, src, atol=1e-4).flatten(1).all(1)
     flipped = torch.isclose(out, src.flip(-1), atol=1e-4).flatten(1).all(1)
@@ -79,6 +124,25 @@ def test_resident_and_loader_paths_agree_in_distribution():
     assert torch.equal(la, lb)
 
 
+def test_resident_batches_are_a_function_of_seed_epoch_step_and_rank():
+    """The resident path's contract (exact resume relies on it): rank r's batch `step` of epoch e holds the images
+    epoch_order(seed, e) deals it, augmented from a generator seeded with mix_seed(seed, e, step, r); resuming at a
+    step gives the rest of the epoch; another epoch gives other batches."""
+    images = torch.randint(0, 256, (50, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(50)
+    data = ResidentData(images, labels, 8, 16, (0.3, 1.0), (3 / 4, 4 / 3), "bilinear", 4, 1, 2, CPU)
+    assert data.steps_per_epoch == 3  # 50 images // 2 ranks // batch 8
+    epoch1 = list(data.epoch(1))
+    order = epoch_order(50, 4, 1, 1, 2)
+    for step, (x, y) in enumerate(epoch1):
+        idx = order[step * 8: (step + 1) * 8]
+        assert torch.equal(y, labels[idx]) and x.shape == (8, 3, 16, 16)
+        assert torch.equal(x, data.augment(images[idx], torch.Generator().manual_seed(mix_seed(4, 1, step, 1))))
+    resumed = list(data.epoch(1, start_step=1))
+    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(epoch1[1:], resumed))
+    assert not torch.equal(epoch1[0][0], next(data.epoch(2))[0])
+
+
 def test_loader_path_is_reproducible_per_epoch_and_resumable():
     ds = SyntheticDataset("pretrain", 16)
     ds.ids = ds.ids[:48]
@@ -90,6 +154,12 @@ def test_loader_path_is_reproducible_per_epoch_and_resumable():
     assert all(torch.equal(a, b) for a, b in zip(e1, again))
     assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(e1[3:], resumed))
     assert not torch.equal(e1[0], next(iter(loader.epoch(2)))[0])
+    # the contract: image i of epoch e is augmented from seed (seed, e, i), whichever batch and process it lands in
+    order = epoch_order(48, 0, 1, 0, 1)
+    for j in (0, 5):
+        i = int(order[j])
+        with data.seeded_rng(mix_seed(0, 1, i)):
+            assert torch.equal(e1[0][j], ds.transform(ds.load(i)[0]))
 
 
 def test_a_method_can_bring_its_own_views_on_both_paths():
