@@ -563,11 +563,12 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
                 line = dict(step=it, loss=loss.item(), **{k: round(float(v), 6) for k, v in terms.items()}, lr=lr)
                 run.write_log(kind="tokenizer_step", **line)
                 if bar.disable:
-                    run.log(f"tokenizer epoch {epoch} step {step + 1}/{data.steps_per_epoch}: " +
+                    run.log(f"tokenizer step {it} (epoch {epoch}, {step + 1}/{data.steps_per_epoch}): " +
                             ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "step"))
             if run.stop_requested():
                 save(epoch, step + 1, False, stats)
-                run.log(f"stopped by signal in stage 1; {path} saved. Continue with --resume auto --out {run.out}")
+                run.log(f"stopped by signal in stage 1 after tokenizer step {it}; {path} saved. Continue with "
+                        f"--resume auto --out {run.out}")
                 barrier()
                 raise Preempted()
         bar.close()
@@ -711,6 +712,7 @@ class BEiTConfig(TrainConfig):
 class Config(BEiTConfig):
     """BEiT with its tokenizer: the dVAE trained with DALL-E's objective (paper App. A.2) on the official
     DiscreteVAE layout."""
+    host_memory_gib = (1.9, 0.206)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     dvae_stride: int = 8  # input pixels per token side, a power of 2 (DALL-E and the official tokenizer: 8)
     dvae_hidden: int = 256  # conv width (official DiscreteVAE "customized": 256)
     dvae_codebook_dim: int = 512  # width of a code's embedding (official: 512)

@@ -392,7 +392,8 @@ def training_loss(model, imgs, cfg, generator):
 class Config(TrainConfig):
     """Defaults = the official ImageNet recipe (PRETRAIN.md: 1600 epochs, 128 per GPU on 3 x 8 GPUs, blr 1.5e-4,
     warm-up 40, norm-pix loss); the engine, optimizer and augmentation are MAE's, unchanged."""
-    model: str = "vit_base"  # size by its stage-3 ViT: vit_base = ConvMAE-B (official), vit_small, vit_tiny, vit_micro
+    host_memory_gib = (2.56, 0.204)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
+    model: str = "vit_base"  # by stage-3 ViT: vit_base (ConvMAE-B, official), vit_small, vit_tiny, vit_micro, vit_nano
     patch_size: int = 16  # total stride p of the three stages, p/4 x 2 x 2 (official: 16 = 4 x 2 x 2)
     epochs: int = 1600  # pre-training epochs
     batch_size: int = 128  # images per process per step (official: 128 per GPU)

@@ -391,9 +391,10 @@ def training_loss(model, imgs, cfg, generator):
 class Config(TrainConfig):
     """Defaults = the paper's ImageNet recipe for iGPT-S (§3.4, App. A: batch 128, Adam(0.9, 0.95), no weight decay,
     no dropout, lr warmed up for one epoch then cosine to 0; 1 M iterations x 128 = about 100 ImageNet epochs)."""
+    host_memory_gib = (0.82, 2.331)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     lr_batch_div = 128  # lr = blr x global batch / 128: the paper's lr is for batch 128
 
-    model: str = "igpt_s"  # igpt_s (24 x 512), igpt_m (36 x 1024), igpt_l (48 x 1536); igpt_mini/tiny/micro/nano
+    model: str = "igpt_s"  # igpt_s (24 x 512), igpt_m (36 x 1024), igpt_l (48 x 1536), igpt_mini/tiny/micro/nano, vit_*
     img_size: int = 224  # images are read and augmented at this size, then resized to --n-px (ImageNet: 224 crops)
     patch_size: int = 1  # unused: iGPT reads one token per pixel (accepted so shared tools can pass it)
     n_px: int = 32  # model resolution: the image becomes n_px x n_px tokens (paper: 32, 48, 64); 0 = --img-size

@@ -279,8 +279,10 @@ def _images_under(root):
     return found
 
 
-def scan_folder(root, require_classes=False):
-    """Images of a folder: with class subfolders (labelled) or flat / nested without classes (unlabelled)."""
+def scan_folder(root, require_classes=False, classes=None):
+    """Images of a folder: with class subfolders (labelled) or flat / nested without classes (unlabelled).
+    `classes`: the class list every split shares (train/'s, `class_list`): a subfolder's label is its index there,
+    so the same class has the same integer in every split; a subfolder that is not in it is refused."""
     if not os.path.exists(root):
         raise UserError(f"data path {root} does not exist")
     if not os.path.isdir(root):
@@ -290,22 +292,38 @@ def scan_folder(root, require_classes=False):
     subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir())
     top_files = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if subdirs and not top_files:  # class subfolders
-        files, labels, classes = [], [], []
+        classes = classes or subdirs
+        files, labels = [], []
         for name in subdirs:
-            imgs = _images_under(os.path.join(root, name))
-            if imgs:
-                files += imgs
-                labels += [len(classes)] * len(imgs)
-                classes.append(name)
-        if files:
-            return FileDataset(files, labels, len(classes))
-    elif not require_classes:
+            path = os.path.join(root, name)
+            if name not in classes:
+                raise UserError(f"class folder {path} has no counterpart in the training split's classes; "
+                                f"every split takes its labels from train/ (add the class there or remove it here)")
+            imgs = _images_under(path)
+            if not imgs:
+                raise UserError(f"class folder {path} holds no images ({' '.join(IMAGE_EXTENSIONS)}); remove it "
+                                f"or add its images (an empty class would shift every later label)")
+            files += imgs
+            labels += [classes.index(name)] * len(imgs)
+        return FileDataset(files, labels, len(classes))
+    if not require_classes:
         files = _images_under(root)
         if files:
             return FileDataset(files, [-1] * len(files), 0)
     if require_classes and top_files:
         raise UserError(f"{root} holds images directly; expected one subfolder per class")
     raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
+def class_list(name, data_path):
+    """The class names of a labelled image folder, from its training split (train/, or the folder itself): the one
+    list whose order numbers the labels of every split. None for other datasets and unlabelled folders."""
+    if name not in ("imagenet", "folder") or not data_path:
+        return None
+    root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
+    if not os.path.isdir(root) or any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(root)):
+        return None
+    return sorted(d.name for d in os.scandir(root) if d.is_dir()) or None
 
 
 def _read_idx(path):
@@ -362,6 +380,11 @@ def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=No
             raise UserError(f"--data {name} needs --data-path")
         sub = {"pretrain": "train", "train": "train", "val": "val"}[split]
         has_splits = os.path.isdir(os.path.join(data_path, "train"))
+        parent = os.path.dirname(os.path.normpath(data_path))
+        if not has_splits and os.path.basename(os.path.normpath(data_path)) in ("train", "val") and \
+                os.path.isdir(os.path.join(parent, "train")):
+            raise UserError(f"--data-path {data_path} is a split; pass the folder that holds train/ and val/: "
+                            f"--data-path {parent}")
         if name == "imagenet" or has_splits:
             if not has_splits:
                 scan_folder(data_path)  # a missing or empty path gets its own message
@@ -370,7 +393,10 @@ def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=No
                 if name == "imagenet":
                     raise UserError(f"{data_path} has no {sub}/ folder")
                 return None
-            ds = scan_folder(os.path.join(data_path, sub), require_classes=name == "imagenet")
+            classes = class_list(name, data_path)
+            ds = scan_folder(os.path.join(data_path, sub), require_classes=name == "imagenet", classes=classes)
+            if split == "pretrain" and classes and os.path.isdir(os.path.join(data_path, "val")):
+                scan_folder(os.path.join(data_path, "val"), classes=classes)  # its class folders, before any step
         elif split == "val":
             return None  # a plain folder is all training data
         else:
@@ -697,16 +723,24 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
+def available_host_memory():
+    """Bytes of host memory a new allocation can take (Linux: MemAvailable, which counts reclaimable page cache);
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def resident_fits(num_bytes, device):
     """Hold a split on the device when it takes at most a quarter of the device's free memory."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return False
-    return num_bytes <= free / 4
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_memory()
+    return free is not None and num_bytes <= free / 4
 
 
 def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print,
@@ -731,6 +765,7 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
             return ResidentData(images, labels, cfg.batch_size, cfg.img_size, crop_scale, crop_ratio, interpolation,
                                 cfg.seed, dist.rank, dist.world_size, dist.device, augment)
     ds.transform = transform or pretrain_transform(cfg.img_size, crop_scale, crop_ratio, interpolation)
+    cfg.resident = False  # (config.json says which path the run took)
     log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers")
     return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)
 
@@ -768,10 +803,23 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
                       generator=torch.Generator())
 
 
+def preview_indices(labels, n, seed):
+    """n indices, one image of each class in turn (round-robin over the classes, each class's images in a seeded
+    order), so that a grid of a class-sorted folder shows every class rather than n images of the first one.
+    Unlabelled images (-1) are one group: a seeded draw."""
+    labels = torch.as_tensor(np.asarray(labels))
+    g = torch.Generator().manual_seed(seed)
+    groups = [idx[torch.randperm(len(idx), generator=g)].tolist()
+              for idx in ((labels == c).nonzero().flatten() for c in labels.unique())]  # [classes][their images]
+    turns = (group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group))
+    return [i for _, i in zip(range(n), turns)]
+
+
 def preview_images(cfg, dist, n=8):
-    """The first n images of the val split (or of the pre-training split), eval transform: [n, 3, H, W]."""
+    """n images of the val split (or of the pre-training split), one per class in turn (preview_indices), eval
+    transform: [n, 3, H, W]."""
     transform = eval_transform(cfg.img_size)
     ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
     if ds is None:
         ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
-    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+    return torch.stack([ds[i][0] for i in preview_indices(ds.labels, n, cfg.seed)])

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import UserError
-from .data import DATASETS, mix_seed
+from .data import DATASETS, available_host_memory, class_list, mix_seed
 from .vit import VIT_SIZES
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     after each field is its --help text. Fields not given on the command line come from the method's preset for
     the dataset's scale (demo / small / medium / imagenet), then from these defaults."""
     lr_batch_div: typing.ClassVar[int] = 256  # lr = blr x global batch / this (SimMIM uses 512)
+    # Host memory of one training process on a CPU at the class defaults (the ImageNet recipe) in fp32, in GiB:
+    # (fixed, per image of --batch-size), as `python bench.py --memory` measures it; None: not measured.
+    host_memory_gib: typing.ClassVar[typing.Optional[tuple]] = None
 
     data: str = "synthetic"  # dataset: synthetic, imagenet, folder, cifar10, cifar100, stl10, mnist, fashion-mnist
     data_path: str = ""  # dataset root (imagenet/folder: train/ and val/ class folders; torchvision sets: their files)
@@ -115,7 +119,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def presets_epilog(presets):
+def memory_advice(cfg, processes, available_bytes):
+    """One line when a CPU run at the ImageNet recipe (the Config defaults' model and size, whose need is measured)
+    would need more host memory than is available, with the largest --batch-size that fits and the --accum-iter
+    that keeps the global batch; None when it fits or there is no estimate."""
+    cls = type(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    if cls.host_memory_gib is None or available_bytes is None or \
+            (cfg.model, cfg.img_size) != (defaults["model"], defaults["img_size"]):
+        return None
+    fixed, per_image = cls.host_memory_gib
+    need, available = processes * (fixed + per_image * cfg.batch_size), available_bytes / 2 ** 30
+    if need <= available:
+        return None
+    per_step = cfg.batch_size * cfg.accum_iter  # images per process per update: kept by the suggestion
+    fits = [b for b in range(1, cfg.batch_size)
+            if per_step % b == 0 and processes * (fixed + per_image * b) <= available]
+    line = (f"memory: this run needs about {need:.0f} GiB of host memory ({processes} x ({fixed:g} GiB + {per_image:g} "
+            f"GiB per image x --batch-size {cfg.batch_size}), fp32), {available:.0f} GiB are available: ")
+    if not fits:
+        return line + "even one image per step does not fit; use a smaller --model or a machine with more memory"
+    return line + f"--batch-size {fits[-1]} --accum-iter {per_step // fits[-1]} fits and keeps the global batch"
+
+
+def presets_epilog(presets, cls=None):
     """--help's closing text: which preset each dataset takes, and every value each preset sets."""
     lines = ["Defaults above are those of a bare run (--data synthetic: the demo preset; 'imagenet:' gives the",
              "class default where the preset changes it). Another --data takes its scale's preset for every flag",
@@ -124,6 +151,7 @@ def presets_epilog(presets):
         name = name.replace("_", "-")
         return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
+    need = cls.host_memory_gib if cls else None
     for scale, values in presets.items():
         names = ", ".join(name for name, info in DATASETS.items() if info.scale == scale)
         line = f"  {scale} ({names}):" + ("" if values else " the defaults (paper recipe)")
@@ -133,6 +161,10 @@ def presets_epilog(presets):
                 line = "     "
             line += " " + item
         lines.append(line)
+        if scale == "imagenet" and need:
+            batch = values.get("batch_size", cls.batch_size)
+            lines.append(f"      needs ~{need[0] + need[1] * batch:.0f} GiB of host memory per process on a CPU in fp32 "
+                         f"({need[0]:g} + {need[1]:g} GiB/image x batch {batch})")
     lines.append("The resolved config is printed at start and saved to <out>/config.json.")
     return "\n".join(lines)
 
@@ -143,7 +175,7 @@ def build_parser(cls, description, presets=None):
     presets = presets or {}
     bare = presets.get(DATASETS[cls.data].scale, {})
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     argument_default=argparse.SUPPRESS, epilog=presets_epilog(presets) if presets else None)
+                     argument_default=argparse.SUPPRESS, epilog=presets_epilog(presets, cls) if presets else None)
     hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -161,10 +193,44 @@ def build_parser(cls, description, presets=None):
     return parser
 
 
+# Fields that describe this invocation, never taken from the run being resumed.
+NOT_RESUMED = ("resume", "eval_only")
+
+
+def saved_config(cls, given):
+    """With --resume, the settings of the run it continues: `<out>/config.json` for `--resume auto` (none yet: a
+    requeued job's first start), the checkpoint's own for `--resume PATH`. Only fields of `cls` that the command
+    line does not set; the lr is worked out again when a flag it depends on is given."""
+    resume = given.get("resume")
+    if not resume:
+        return {}
+    if resume == "auto":
+        if "out" not in given:
+            raise UserError("--resume auto needs --out DIR, the folder of the run to continue")
+        path = Path(given["out"]) / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+    else:
+        ckpt = load_file(resume)
+        saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    saved = {k: v for k, v in saved.items() if k != "classes"} if isinstance(saved, dict) else None
+    if saved is None or set(saved) - fields:
+        return {}  # another method's run: Run.load names it
+    if {"lr", "blr", "batch_size", "accum_iter"} & set(given):
+        saved.pop("lr", None)  # scaled again from --blr and the global batch, as a fresh run with these flags would
+    return {k: v for k, v in saved.items() if k not in given and k not in NOT_RESUMED}
+
+
 def parse_config(cls, presets, argv=None, description=None):
-    """Command line -> config. Precedence: command line > the method's preset for the dataset's scale > defaults.
-    Returns (config, the preset fields that were applied)."""
+    """Command line -> config. Precedence: command line > with --resume, the resumed run's saved config > the
+    method's preset for the dataset's scale > defaults. Returns (config, the preset fields that were applied)."""
     given = vars(build_parser(cls, description, presets).parse_args(argv))
+    given = {**saved_config(cls, given), **given}  # `--resume auto --out DIR` alone continues the run as it was
     data = given.get("data", cls.data)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}; choose from {', '.join(DATASETS)}")
@@ -268,6 +334,13 @@ def interactive():
     return sys.stderr.isatty()
 
 
+def speed(imgs_per_s):
+    """Images per second for the logs; seconds per image where that rounds to 0 (a large model on a CPU)."""
+    if imgs_per_s >= 10:
+        return f"{imgs_per_s:.0f} img/s"
+    return f"{imgs_per_s:.1f} img/s" if imgs_per_s >= 1 else f"{1 / max(imgs_per_s, 1e-9):.1f} s/img"
+
+
 def progress(iterable=None, is_main=True, **kwargs):
     """A tqdm bar on rank 0 when stderr is a terminal; otherwise a silent pass-through (the caller logs lines)."""
     return tqdm(iterable, disable=not (is_main and interactive()), dynamic_ncols=True, leave=False, **kwargs)
@@ -348,9 +421,27 @@ def load_file(path, what="checkpoint"):
         raise UserError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, a pickle that is not plain data
+    except pickle.UnpicklingError:  # a pickle, or a torch file holding objects other than tensors and plain data
+        raise UserError(f"cannot read {what} {path}: not a file of tensors and plain data saved by torch.save "
+                        f"(this project's checkpoints are; a pickle of other objects is not loaded)") from None
+    except Exception as e:  # truncated zip, not a torch file at all
         first = (str(e).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says what broke
-        raise UserError(f"cannot read {what} {path}: {type(e).__name__}" + (f": {first}" if first else "")) from None
+        raise UserError(f"cannot read {what} {path}: not a complete file saved by torch.save ({type(e).__name__}"
+                        + (f": {first})" if first else ")")) from None
+
+
+def state_dict_fits(model, state, path, show=3):
+    """One line naming the first missing, unexpected and mis-shaped keys when `state` does not fit `model` (torch's
+    own message spans many lines)."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)} here" for k in ours
+              if k in state and state[k].shape != ours[k].shape]
+    problems = [f"{len(keys)} {what}: " + ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise UserError(f"{path} does not fit this model: " + "; ".join(problems))
 
 
 def gather_bytes(obj):
@@ -461,6 +552,10 @@ class Run:
                      f"process with {world} processes (global batch {cfg.batch_size * world * cfg.accum_iter}, "
                      f"preset: {cfg.batch_size * self.preset['accum_iter']})")
         self.global_batch = cfg.batch_size * world * cfg.accum_iter
+        advice = memory_advice(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), available_host_memory()) \
+            if self.device.type == "cpu" else None
+        if advice:
+            self.log(advice)  # (before the first step; the kernel's out-of-memory kill would say only "Killed")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out = Path(cfg.out or f"runs/{method}-{cfg.data}-{stamp}")
         cfg.out = str(self.out)
@@ -505,7 +600,9 @@ class Run:
             epoch, step = self.load(self.ckpt_path if self.cfg.resume == "auto" else Path(self.cfg.resume))
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+            classes = class_list(self.cfg.data, self.cfg.data_path)  # what the labels 0, 1, ... of every split mean
+            (self.out / "config.json").write_text(json.dumps({**asdict(self.cfg), **({"classes": classes} if classes
+                                                                                      else {})}, indent=2) + "\n")
             self.log_file = open(self.out / "log.jsonl", "a")
         if self.preset:
             self.log(f"preset for {self.cfg.data}: " + ", ".join(f"{k}={v}" for k, v in self.preset.items()))
@@ -553,19 +650,24 @@ class Run:
         self.epoch_loss += loss.detach().float()
         self.epoch_steps += 1
         self.bar.update(1)
-        if self.global_step % self.cfg.log_every:
-            return
+        if self.global_step % self.cfg.log_every and not (self.global_step == 1 or self.is_last_step(epoch, step)):
+            return  # (a short run still shows its first and last loss)
         self.guard.check()
         loss = self.mean_over_ranks(loss.detach().float()).item()  # the host sync of this step
         now = time.perf_counter()
         imgs_per_s = (it + 1 - self.last_log_step) * self.cfg.batch_size * self.dist.world_size / (now - self.last_log_t)
         self.last_log_t, self.last_log_step = now, it + 1
         if self.bar.disable:  # not a terminal: one plain line per logged step instead of a redrawn bar
-            self.log(f"epoch {self.epoch} step {step + 1}/{self.steps_per_epoch}: loss "
-                     f"{loss:.4f}, lr {lr:.2e}, {imgs_per_s:.0f} img/s")
+            self.log(f"step {it} (epoch {self.epoch}, {step + 1}/{self.steps_per_epoch}): loss {loss:.4f}, "
+                     f"lr {lr:.2e}, {speed(imgs_per_s)}")
         else:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}")
+            self.bar.set_postfix(step=it, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=speed(imgs_per_s))
         self.write_log(kind="step", step=it, loss=loss, lr=lr, img_per_s=round(imgs_per_s, 1))
+
+    def is_last_step(self, epoch, step):
+        """Whether micro-step `step` of `epoch` is the run's last: the end of the last epoch, or --max-steps."""
+        last_of_last_epoch = epoch + 1 == self.cfg.epochs and step + 1 == self.steps_per_epoch
+        return last_of_last_epoch or self.global_step == self.cfg.max_steps
 
     def at_update(self, step):
         """Whether micro-step `step` ends an optimizer update (or the epoch): the only places a run may stop or
@@ -578,6 +680,8 @@ class Run:
             return False
         self.preempted = self.stop_requested()
         self.done = bool(self.cfg.max_steps and self.global_step >= self.cfg.max_steps)
+        if self.done:  # the epoch is cut short and not summarised: the final loss is the mean of its steps so far
+            self.last_loss = self.mean_over_ranks(self.epoch_loss / max(self.epoch_steps, 1)).item()
         return self.preempted or self.done
 
     def should_checkpoint(self, step):
@@ -620,7 +724,7 @@ class Run:
         imgs = self.epoch_steps * self.cfg.batch_size * self.dist.world_size
         self.bar.close()
         self.bar = None
-        self.log(f"epoch {epoch}: loss {loss:.4f}, {imgs / seconds:.1f} img/s, {seconds:.1f}s")
+        self.log(f"epoch {epoch}: loss {loss:.4f}, {speed(imgs / seconds)}, {seconds:.1f}s")
         self.write_log(kind="epoch", epoch=epoch, loss=loss, img_per_s=round(imgs / seconds, 1),
                        seconds=round(seconds, 2), **extra)
 
@@ -668,7 +772,8 @@ class Run:
         t = time.perf_counter()
         atomic_save({
             "method": self.method, "config": asdict(self.cfg), "epoch": epoch, "step": step,
-            "global_step": self.global_step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step, "last_loss": self.last_loss, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng,
         }, self.ckpt_path)
         self.write_log(kind="checkpoint", epoch=epoch, step=step, seconds=round(time.perf_counter() - t, 3))
@@ -680,26 +785,26 @@ class Run:
         if ckpt["method"] != self.method:
             raise UserError(f"{path} is a {ckpt['method']} checkpoint; this is {self.method}")
         saved = ckpt["config"]
-        for key in ("model", "img_size", "patch_size"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise UserError(f"{path} holds a {saved.get('model')} model at img {saved.get('img_size')}, patch "
-                                f"{saved.get('patch_size')}; this run builds {self.cfg.model} at img {self.cfg.img_size}"
-                                f", patch {self.cfg.patch_size} (set --model/--img-size/--patch-size to match)")
+        clash = [(key.replace("_", "-"), getattr(self.cfg, key), saved.get(key)) for key in ("model", "img_size",
+                 "patch_size") if saved.get(key) != getattr(self.cfg, key)]
+        if clash:
+            raise UserError(", ".join(f"--{k} {ours}" for k, ours, _ in clash) + f" contradicts {path}, which holds "
+                            + ", ".join(f"{k} {theirs}" for k, _, theirs in clash)
+                            + " (leave the flag out to continue the run as it was saved)")
         changed = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if hasattr(self.cfg, k)
                    and getattr(self.cfg, k) != v and k not in ("resume", "eval_only", "max_steps", "out")}
         if changed:  # allowed (a longer schedule, more workers), but never silent
             self.log("resuming with settings that differ from the checkpoint's: "
                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
-        self.global_step = ckpt["global_step"]
+        state_dict_fits(self.model, ckpt["model"], path)
+        self.model.load_state_dict(ckpt["model"])
+        self.global_step, self.last_loss = ckpt["global_step"], ckpt.get("last_loss")
         if not self.cfg.eval_only:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.restore_rng(ckpt["rng"])
-        self.log(f"resumed {path}: epoch {ckpt['epoch']}, step {ckpt['step']} (global step {self.global_step})")
+        self.log(f"resumed {path}: continuing at step {self.global_step} (epoch {ckpt['epoch']}, after "
+                 f"{ckpt['step']} of its steps)")
         return ckpt["epoch"], ckpt["step"]
 
     def restore_rng(self, states):

@@ -1,4 +1,5 @@
 """common/: ViT pieces, schedule, optimizer groups, config parsing, synthetic data, image decoding."""
+import dataclasses
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import typing
 from types import SimpleNamespace
 
 import numpy as np
@@ -346,6 +348,67 @@ def test_help_shows_the_bare_run_defaults_and_the_presets_once():
     assert len(options) == len(set(options)) and "--data-path" in options and "--data_path" not in text
 
 
+@pytest.mark.parametrize("method", ["mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt"])
+def test_model_choices_are_exactly_those_help_lists(method):
+    """--model accepts a name exactly when --help lists it (`vit_*`: every ViT size; `igpt_mini/tiny`: igpt_mini and
+    igpt_tiny)."""
+    import importlib
+    module = importlib.import_module(method)
+    text = " ".join(build_parser(module.Config, method, module.PRESETS).format_help().split())
+    line = text.split("--model STR ")[1].split(" [default:")[0]
+    listed = set()
+    for family, names in re.findall(r"\b(vit|igpt)_([\w*]+(?:/\w+)*)", line):
+        listed |= set(VIT_SIZES) if names == "*" else {f"{family}_{n}" for n in names.split("/")}
+    candidates = set(VIT_SIZES) | {f"igpt_{n}" for n in ("nano", "micro", "tiny", "mini", "s", "m", "l")}
+    accepted = set()
+    for name in candidates:
+        try:
+            parse_config(module.Config, module.PRESETS, ["--model", name])
+            accepted.add(name)
+        except UserError:
+            pass
+    assert listed == accepted and "vit_base" in accepted
+
+
+def test_memory_advice_names_the_need_and_a_batch_that_fits(monkeypatch, tmp_path, capsys):
+    """A CPU run at the ImageNet recipe whose measured need (fixed + per image x batch) exceeds the free host memory
+    says so in one line before the first step, with the largest --batch-size that fits and divides the images per
+    update, and the --accum-iter that keeps them; --help's preset table states the need."""
+    import common.training as training
+    from common.training import memory_advice, presets_epilog
+
+    @dataclasses.dataclass
+    class Cfg(TrainConfig):
+        host_memory_gib: typing.ClassVar = (2.0, 0.25)
+        batch_size: int = 128
+    GiB = 2 ** 30
+    line = memory_advice(Cfg(), 1, 20 * GiB)  # needs 2 + 0.25 x 128 = 34 GiB
+    assert line.startswith("memory: this run needs about 34 GiB") and "20 GiB are available" in line
+    assert line.endswith("--batch-size 64 --accum-iter 2 fits and keeps the global batch")  # 2 + 16 <= 20 < 2 + 18
+    assert memory_advice(Cfg(), 2, 20 * GiB).endswith("--batch-size 32 --accum-iter 4 fits and keeps the global batch")
+    assert memory_advice(Cfg(accum_iter=3, batch_size=96), 1, 20 * GiB).endswith("--batch-size 72 --accum-iter 4 "
+                                                                                 "fits and keeps the global batch")
+    assert "even one image per step does not fit" in memory_advice(Cfg(), 1, 2 * GiB)
+    assert memory_advice(Cfg(), 1, 34.5 * GiB) is None  # fits
+    assert memory_advice(Cfg(model="vit_small"), 1, 20 * GiB) is None  # not the size that was measured
+    assert memory_advice(Cfg(), 1, None) is None and memory_advice(TrainConfig(), 1, 0) is None  # nothing to say
+    epilog = presets_epilog({"imagenet": {"batch_size": 64}}, Cfg)
+    assert "needs ~18 GiB of host memory per process on a CPU in fp32 (2 + 0.25 GiB/image x batch 64)" in epilog
+    monkeypatch.setattr(training, "available_host_memory", lambda: 20 * GiB)
+    Run(Cfg(out=str(tmp_path / "o")), "test")
+    assert capsys.readouterr().out.startswith("memory: this run needs about 34 GiB")
+    for method in ("mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt"):  # every file states its recipe's need
+        cls = __import__(method).Config
+        fixed, per_image = cls.host_memory_gib
+        assert 0.5 < fixed < 8 and 0 < per_image < 4
+
+
+def test_speed_in_the_logs_never_rounds_to_zero():
+    from common.training import speed
+    assert [speed(v) for v in (1234.4, 12.6, 3.14, 0.4, 0.05)] == ["1234 img/s", "13 img/s", "3.1 img/s",
+                                                                  "2.5 s/img", "20.0 s/img"]
+
+
 def test_accum_iter_of_a_preset_is_split_over_the_processes(tmp_path, monkeypatch, process_state):
     """A preset's --accum-iter reaches its global batch on one process; under torchrun with W processes each takes
     accum / W steps, so the global batch and the lr stay the preset's. A value given by the user is kept."""
@@ -417,8 +480,9 @@ def test_run_bookkeeping_logs_stops_and_checkpoints_at_updates_then_resumes(tmp_
     run.cfg.max_steps = 0  # no --max-steps: never done
     assert not run.should_stop(4) and not run.done
     log = [json.loads(line) for line in (run.out / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in log if r["kind"] == "step"] == [(1, 1.0), (3, 3.0), (5, 10.0), (7, 12.0),
-                                                                           (9, 14.0)]  # every 2nd global step
+    # every 2nd step, and the first and the --max-steps'th (a short run shows its first and last loss)
+    assert [(r["step"], r["loss"]) for r in log if r["kind"] == "step"] == [(0, 0.0), (1, 1.0), (3, 3.0), (5, 10.0),
+                                                                           (6, 11.0), (7, 12.0), (9, 14.0)]
     assert [(r["epoch"], r["loss"]) for r in log if r["kind"] == "epoch"] == [(0, 2.0), (1, 12.0)]  # epoch means
     model(torch.ones(4, 3)).sum().backward()
     opt.step()  # optimizer state to save

@@ -113,6 +113,58 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     assert [s["step"] for s in read_log(out, "step")] == list(range(done + 2))
 
 
+def test_ctrl_c_then_the_printed_resume_hint_alone_continues_bitwise(tmp_path):
+    """Ctrl-C (SIGINT), then the command the run printed, as printed (`--resume auto --out DIR`, no other flag):
+    config.json supplies the rest, and the run ends bitwise where one uninterrupted run ends."""
+    args = [*MAE_TINY, "--epochs", "10", "--max-steps", "30", "--blr", "0.01"]  # 4 steps an epoch
+    full, out = tmp_path / "full", tmp_path / "run"
+    run_script("mae.py", *args, "--out", full)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mae.py"), *map(str, args), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(proc, out, 3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    hint = re.search(r"Continue with (--resume auto --out \S+)", stdout).group(1)
+    stopped = int(re.search(r"stopped by signal after step (\d+)", stdout).group(1))
+    assert 2 <= stopped < 29 and hint == f"--resume auto --out {out}"
+    assert [s["step"] for s in read_log(out, "step")] == list(range(stopped + 1))  # the same numbering
+    proc = run_script("mae.py", *hint.split())
+    assert f"continuing at step {stopped + 1}" in proc.stdout and "differ from the checkpoint" not in proc.stdout
+    assert [s["loss"] for s in read_log(out, "step")] == [s["loss"] for s in read_log(full, "step")]
+    a, b = load(full / "checkpoint.pth"), load(out / "checkpoint.pth")
+    assert a["global_step"] == b["global_step"] == 30
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert json.loads((out / "results.json").read_text())["final_loss"] == a["last_loss"] == b["last_loss"]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["model"], saved["max_steps"], saved["resume"]) == ("vit_nano", 30, "auto")
+
+
+def test_resume_flags_that_contradict_the_run_and_state_dicts_that_do_not_fit(tmp_path, capsys):
+    """A flag that contradicts the checkpoint: one line with both values. A model that does not fit (another
+    decoder): one line naming the first missing, unexpected and mis-shaped keys. --resume auto needs --out."""
+    out = tmp_path / "run"
+    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    code, err = run_main(["--resume", "auto", "--out", out, "--img-size", "32"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--img-size 32 contradicts" in err and "img-size 16" in err
+    code, err = run_main(["--resume", "auto", "--out", out, "--decoder-depth", "2", "--decoder-dim", "16"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not fit this model" in err
+    assert "12 missing: decoder_blocks.1.norm1.weight, " in err and "19 mis-shaped: mask_token (1, 1, 32) vs (1, 1, 16) here" in err
+    code, err = run_main(["--resume", "auto"], capsys)
+    assert code == 2 and "--resume auto needs --out" in err
+    torch.save({"x": np.zeros(2)}, tmp_path / "pickled.pth")
+    code, err = run_main(["--resume", tmp_path / "pickled.pth", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "not a file of tensors and plain data saved by torch.save" in err
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    code, err = run_main(["--resume", tmp_path / "notes.txt", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "notes.txt: not a file of tensors and plain data saved by torch.save" in err
+    whole = (out / "checkpoint.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    code, err = run_main(["--resume", tmp_path / "cut.pth", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cut.pth: not a complete file saved by torch.save" in err
+
+
 def test_second_signal_exits_at_once(tmp_path):
     """The first signal waits for the end of the accumulation (64 micro-steps here); a second exits at once."""
     out = tmp_path / "run"
@@ -229,6 +281,66 @@ def test_bad_folders(tmp_path, capsys, case):
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
 
 
+def class_folders(root, splits):
+    """root/<split>/<class>/ PNGs; splits: {split: {class: n}}. Class k's images are grey level 40 k (+ noise)."""
+    for split, classes in splits.items():
+        for c, n in classes.items():
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                level = 40 * "abcd".index(c) + np.random.default_rng(i).integers(0, 8, (20, 20, 3))
+                Image.fromarray(level.astype(np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_class_folders_that_would_shift_labels_exit_2_naming_the_folder(tmp_path, capsys):
+    """One class list, train/'s, numbers every split: val/ without class b keeps c at 2, config.json records the
+    list; a val/ class that train/ lacks, an empty class folder and a split passed as --data-path are one line each,
+    exit 2, naming the folder."""
+    data = class_folders(tmp_path / "data", {"train": {"a": 3, "b": 3, "c": 3}, "val": {"a": 2, "c": 2}})
+    from common.data import build_dataset
+    assert build_dataset("imagenet", "val", str(data)).labels == [0, 0, 2, 2]  # c is 2 in both splits
+    assert build_dataset("imagenet", "pretrain", str(data)).labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    args = [*MAE_TINY, "--data", "imagenet", "--data-path", data, "--subset", "0", "--batch-size", "3"]
+    run_script("mae.py", *args, "--epochs", "1", "--max-steps", "1", "--out", tmp_path / "ok")
+    saved = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert saved["classes"] == ["a", "b", "c"] and saved["resident"] is False  # JPEG/PNG folders: DataLoader
+
+    class_folders(data, {"val": {"d": 1}})
+    code, err = run_main([*args, "--out", tmp_path / "o1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"class folder {data / 'val' / 'd'} has no counterpart in the training split" in err
+    (data / "val" / "d" / "0.png").unlink()
+    (data / "val" / "d").rmdir()
+    (data / "train" / "b0").mkdir()  # sorts between a and b: every later label would shift by one
+    code, err = run_main([*args, "--out", tmp_path / "o2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"class folder {data / 'train' / 'b0'} holds no images" in err
+    (data / "train" / "b0").rmdir()
+    code, err = run_main([*args[:-5], data / "train", "--subset", "0", "--batch-size", "3", "--out", tmp_path / "o3"],
+                         capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"is a split; pass the folder that holds train/ and val/: --data-path {data}" in err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # refused before anything is written
+
+
+def test_preview_grid_of_a_class_sorted_folder_shows_every_class(tmp_path):
+    """The 8 reconstruction rows of a 4-class folder: every class twice (round-robin over classes, each class's
+    images in a seeded order), not the first 8 files (5 of class a)."""
+    from common.data import preview_images, preview_indices
+    labels = [0] * 5 + [1] * 3 + [2] * 1 + [3] * 6
+    drawn = preview_indices(labels, 8, seed=0)
+    assert [labels[i] for i in drawn] == [0, 1, 2, 3, 0, 1, 3, 0] and len(set(drawn)) == 8
+    assert drawn == preview_indices(labels, 8, seed=0) != preview_indices(labels, 8, seed=1)
+    assert sorted(preview_indices([-1] * 5, 8, seed=0)) == [0, 1, 2, 3, 4]  # unlabelled: all of them, fewer than 8
+    data = class_folders(tmp_path / "data", {"train": dict.fromkeys("abcd", 5), "val": dict.fromkeys("abcd", 5)})
+    cfg = SimpleNamespace(data="imagenet", data_path=str(data), img_size=20, subset=0, seed=0)
+    rows = preview_images(cfg, dist=None)  # [8, 3, 20, 20], normalised
+    from common.data import IMAGENET_MEAN, IMAGENET_STD
+    pixels = rows * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    shown = (pixels.mean((1, 2, 3)) * 255 / 40).floor().long().tolist()  # grey level 40 k + [0, 8): class k
+    assert shown == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
 def test_corrupt_image_in_worker_process_is_one_line(tmp_path):
     """Through a DataLoader worker the error still names the file in one line, without a traceback."""
     root = image_folder(tmp_path / "data", bad=("broken.jpg", b"not an image"))
@@ -293,10 +405,15 @@ def test_logs_without_a_terminal_are_lines_not_bar_redraws(tmp_path):
     out = tmp_path / "run"
     proc = run_script("mae.py", *MAE_TINY, "--max-steps", "3", "--out", out)  # 4 steps per epoch
     assert "\r" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr
-    assert [line for line in proc.stdout.splitlines() if line.startswith("epoch 0 step")] == [
-        line for line in proc.stdout.splitlines() if re.match(r"epoch 0 step [123]/4: loss [\d.]+, lr", line)]
-    assert len(re.findall(r"^epoch 0 step \d/4", proc.stdout, re.M)) == 3
+    # one step numbering: the console's "step N" is log.jsonl's "step" (from 0); "1/4" counts the epoch's steps done
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [re.match(r"step (\d) \(epoch 0, (\d)/4\): loss [\d.]+, lr", line).groups() for line in lines] == [
+        ("0", "1"), ("1", "2"), ("2", "3")]
+    assert [s["step"] for s in read_log(out, "step")] == [0, 1, 2]
     assert (out / "recon_e0.png").exists()
+    # a capped run's final loss: the mean over the steps of its last (partial) epoch, as an uncapped run's
+    final = json.loads((out / "results.json").read_text())["final_loss"]
+    assert final == pytest.approx(sum(s["loss"] for s in read_log(out, "step")) / 3, rel=1e-6)
 
 
 def test_eval_every_leaves_training_randomness_alone(tmp_path):
