@@ -525,6 +525,7 @@ def training_loss(model, batch, cfg, generator):
 class Config(BEiTConfig):
     """BEiT's two stages (its official ImageNet recipe for stage 2) with the VQ-KD tokenizer and patch aggregation
     (official beit2/: vqkd_encoder_base_decoder_1x768x12_clip, beit_base_patch16_224_8k_vocab_cls_pt)."""
+    host_memory_gib = (2.38, 0.248)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     teacher: str = ""  # VQ-KD's teacher: an encoder.pth of this repository (config.json beside it) or a timm name
     vqkd_model: str = ""  # VQ-KD encoder and decoder width ("" = --model; official: vit_base for every BEiT size)
     vqkd_codebook_dim: int = 32  # width of VQ-KD's unit-norm code space (official: 32)

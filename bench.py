@@ -40,11 +40,17 @@ like CIFAR) through the DataLoader path and through the resident path (ResidentD
 device). Epoch 0 is the warm-up (worker start-up, page cache; its time to first batch is reported apart); epoch 1
 is timed from its first request to its last batch.
 
+`python bench.py --memory` measures the host memory each method's ImageNet recipe needs on the CPU in fp32: the
+peak RSS of its training step (as above, fp32 column) at two batch sizes (--memory-batches), each in a process of
+its own (the high-water mark of one process would carry over), fitted as fixed + per image. These are the
+`host_memory_gib` of each file's Config, which --help's preset table and the run's memory check use.
+
 Run:     python bench.py                    # every method, ViT-B/16 at 224 px, batch 64 on CUDA, 8 on the CPU
          python bench.py --methods mae --model vit_large --batch-size 128 --json bench-large.json
          python bench.py --methods mae,igpt --steps 3
          python bench.py --preset demo --compile   # each demo's model: does torch.compile pay off within the demo?
          python bench.py --loader           # data-loading throughput
+         python bench.py --memory           # host memory of each ImageNet recipe (fixed + per image)
 Results: docs/PERFORMANCE.md (each table with its machine, torch version and command).
 """
 import argparse
@@ -55,6 +61,7 @@ import os
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,6 +125,10 @@ def parse_args(argv=None):
                    help="also profile N steps of each method (eager, bf16 where it runs, else fp32) and print the top "
                         "ops by their share of the step")
     p.add_argument("--loader", action="store_true", help="measure data loading instead of training steps")
+    p.add_argument("--memory", action="store_true",
+                   help="measure each ImageNet recipe's host memory (CPU, fp32) at --memory-batches, fitted as "
+                        "fixed + per image")
+    p.add_argument("--memory-batches", default="4,8", help="--memory: the two batch sizes")
     p.add_argument("--loader-images", type=int, default=256, help="--loader: JPEGs in the temporary folder")
     p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
     args = p.parse_args(argv)
@@ -419,6 +430,46 @@ def compile_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
+#                                                 host memory                                                        #
+# ---------------------------------------------------------------------------------------------------------------- #
+def bench_memory(args):
+    """One row per method: the fp32 training step's peak RSS at two batch sizes, each measured by a bench.py process
+    of its own, and the line through them: fixed GiB + GiB per image."""
+    b1, b2 = (int(b) for b in args.memory_batches.split(","))
+    if not 0 < b1 < b2:
+        raise UserError(f"--memory-batches needs two increasing batch sizes, got {args.memory_batches}")
+    rows = []
+    for name in select_methods(args.methods):
+        peaks = []
+        for batch in (b1, b2):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "row.json"
+                subprocess.run([sys.executable, str(ROOT / "bench.py"), "--methods", name, "--batch-size", str(batch),
+                                "--steps", "1", "--no-compile", "--no-bf16", "--device", "cpu", "--model", args.model,
+                                "--img-size", str(args.img_size), "--json", str(out)], check=True,
+                               stdout=subprocess.DEVNULL)
+                row = json.loads(out.read_text())["rows"][0]
+            peaks.append(row["fp32"]["peak_mem_gib"])
+        per_image = (peaks[1] - peaks[0]) / (b2 - b1)
+        module = importlib.import_module(name)
+        rows.append({"method": name, "model": row["model"].rsplit(" batch", 1)[0], "batches": [b1, b2],
+                     "peak_gib": peaks, "fixed_gib": peaks[0] - per_image * b1, "per_image_gib": per_image,
+                     "recipe_batch": module.Config.batch_size, "stated": module.Config.host_memory_gib})
+    return rows
+
+
+def memory_table(rows):
+    lines = ["| method | model | peak GiB at the two batches | fixed GiB | GiB per image | at the recipe's batch "
+             "| Config.host_memory_gib |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        need = r["fixed_gib"] + r["per_image_gib"] * r["recipe_batch"]
+        peaks = ", ".join(f"{p:.2f} (batch {b})" for p, b in zip(r["peak_gib"], r["batches"]))
+        lines.append(f"| {r['method']} | {r['model']} | {peaks} | {r['fixed_gib']:.2f} | {r['per_image_gib']:.3f} "
+                     f"| {need:.1f} (batch {r['recipe_batch']}) | {r['stated'] or '—'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
 #                                                  data loading                                                      #
 # ---------------------------------------------------------------------------------------------------------------- #
 def write_jpegs(root, n):
@@ -532,6 +583,9 @@ def main():
     if args.loader:
         result["rows"] = bench_loader(args, device)
         table = loader_table(result["rows"])
+    elif args.memory:
+        result["rows"] = bench_memory(args)
+        table = memory_table(result["rows"])
     else:
         result.update(bench_training(args, device))
         peaks = result["peak_tflops"]
@@ -544,7 +598,8 @@ def main():
         if timed:
             table += "\n\n" + compile_table(timed)
     result["seconds"] = seconds = time.perf_counter() - t0
-    path = Path(args.json or ("bench_loader.json" if args.loader else "bench.json"))
+    path = Path(args.json or ("bench_loader.json" if args.loader else "bench_memory.json" if args.memory else
+                              "bench.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + "\n".join(header + [""]) + table)
     print(f"\n{seconds:.0f}s in all; wrote {path}")

@@ -172,6 +172,7 @@ def training_loss(model, imgs, cfg, generator):
 @dataclass
 class Config(TrainConfig):
     """Defaults = the official ImageNet recipe (PRETRAIN.md: 800/1600 epochs, batch 4096, blr 1.5e-4, warm-up 40)."""
+    host_memory_gib = (2.48, 0.043)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
     norm_pix_loss: bool = True  # target = each patch normalised by its own mean/std (the released models use it)
     decoder_dim: int = 512  # decoder width (paper: 512)

@@ -152,6 +152,7 @@ class Config(TrainConfig):
     800 epochs, 16 GPUs x 128 = batch 2048, base lr 1e-4 per 512, warm-up 10 epochs from 5e-7, x0.1 at epoch 700).
     The paper's ViT-B setting differs in base lr, warm-up and schedule; its Swin ablations use lr 8e-4 at batch 2048
     with a cosine schedule (`--sched cosine`)."""
+    host_memory_gib = (1.73, 0.21)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     lr_batch_div: typing.ClassVar[int] = 512  # official: lr = BASE_LR x global batch / 512 (MAE and BEiT use 256)
 
     batch_size: int = 128  # images per process per step (official: 128 per GPU on 16 GPUs)

@@ -470,6 +470,7 @@ class BatchedViews:
 @dataclass
 class Config(TrainConfig):
     """Defaults = the official recipe (main.py at HEAD 7f22e9c; its README's ImageNet run: 4 GPUs x 64 images)."""
+    host_memory_gib = (2.55, 0.309)  # GiB (fixed, per image) on a CPU in fp32 at these defaults: bench.py --memory
     batch_size: int = 64  # images per process per step, two views each (official README: 64 per GPU on 4 GPUs)
     blr: float = 5e-4  # base learning rate, scaled by global batch / 256 (official --lr 5e-4)
     min_lr: float = 1e-6  # floor of the cosine schedule (official --min_lr)
