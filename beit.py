@@ -568,7 +568,7 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
             if run.stop_requested():
                 save(epoch, step + 1, False, stats)
                 run.log(f"stopped by signal in stage 1 after tokenizer step {it}; {path} saved. Continue with "
-                        f"--resume auto --out {run.out}")
+                        f"{run.resume_hint()}")
                 barrier()
                 raise Preempted()
         bar.close()

@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -193,8 +194,9 @@ def build_parser(cls, description, presets=None):
     return parser
 
 
-# Fields that describe this invocation, never taken from the run being resumed.
-NOT_RESUMED = ("resume", "eval_only")
+# Fields that describe this invocation, never taken from the run being resumed (a resumed run goes on to the end of
+# its schedule unless --max-steps is given again; the printed resume hint repeats it: `Run.resume_hint`).
+NOT_RESUMED = ("resume", "eval_only", "max_steps")
 
 
 def saved_config(cls, given):
@@ -684,6 +686,10 @@ class Run:
             self.last_loss = self.mean_over_ranks(self.epoch_loss / max(self.epoch_steps, 1)).item()
         return self.preempted or self.done
 
+    def resume_hint(self):
+        """The flags that continue this run as it was: its config.json supplies the rest."""
+        return f"--resume auto --out {self.out}" + (f" --max-steps {self.cfg.max_steps}" if self.cfg.max_steps else "")
+
     def should_checkpoint(self, step):
         """At an update, every --ckpt-every-steps steps (epoch ends always checkpoint)."""
         every = self.cfg.ckpt_every_steps
@@ -693,7 +699,7 @@ class Run:
         """After a stop signal's checkpoint: end the process (exit 0); `--resume auto` continues from there."""
         if self.preempted:
             self.log(f"stopped by signal after step {self.global_step - 1}; checkpoint saved to {self.ckpt_path}. "
-                     f"Continue with --resume auto --out {self.out}")
+                     f"Continue with {self.resume_hint()}")
             barrier()
             raise Preempted()
 
@@ -834,17 +840,25 @@ class Run:
 def cli(main):
     """Run a method's main(): bad input -> one line + exit 2; stop signal -> exit 0 after the checkpoint;
     divergence -> exit 1 with the step and the usual cure."""
+    code = None
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Preempted:
-        sys.exit(0)
+        code = 0
     except NonFiniteError as e:
         print(f"error: the loss or gradient became non-finite at step {e.args[0]}; the last good checkpoint was "
               f"kept. Try --amp fp32, a lower --blr/--lr, or --clip-grad, then --resume auto.", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+    if code is not None:
+        # DataLoader workers ignore SIGTERM (ignore_stop_signals), the signal with which the interpreter's exit stops
+        # the ones a failed step left running, and then waits for them forever: end them first.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (DataLoader's handler would report each end as a crash)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        sys.exit(code)

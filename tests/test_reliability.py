@@ -114,8 +114,8 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
 
 
 def test_ctrl_c_then_the_printed_resume_hint_alone_continues_bitwise(tmp_path):
-    """Ctrl-C (SIGINT), then the command the run printed, as printed (`--resume auto --out DIR`, no other flag):
-    config.json supplies the rest, and the run ends bitwise where one uninterrupted run ends."""
+    """Ctrl-C (SIGINT), then the command the run printed, as printed (`--resume auto --out DIR --max-steps N`, the
+    run's own cap): config.json supplies the rest, and the run ends bitwise where one uninterrupted run ends."""
     args = [*MAE_TINY, "--epochs", "10", "--max-steps", "30", "--blr", "0.01"]  # 4 steps an epoch
     full, out = tmp_path / "full", tmp_path / "run"
     run_script("mae.py", *args, "--out", full)
@@ -125,9 +125,9 @@ def test_ctrl_c_then_the_printed_resume_hint_alone_continues_bitwise(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    hint = re.search(r"Continue with (--resume auto --out \S+)", stdout).group(1)
+    hint = re.search(r"Continue with (--resume auto .*)", stdout).group(1)
     stopped = int(re.search(r"stopped by signal after step (\d+)", stdout).group(1))
-    assert 2 <= stopped < 29 and hint == f"--resume auto --out {out}"
+    assert 2 <= stopped < 29 and hint == f"--resume auto --out {out} --max-steps 30"
     assert [s["step"] for s in read_log(out, "step")] == list(range(stopped + 1))  # the same numbering
     proc = run_script("mae.py", *hint.split())
     assert f"continuing at step {stopped + 1}" in proc.stdout and "differ from the checkpoint" not in proc.stdout
@@ -349,6 +349,17 @@ def test_corrupt_image_in_worker_process_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.jpg" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_image_with_two_workers_exits_at_once(tmp_path):
+    """A text file named .JPEG read by one of two workers: the run exits 2 with the one line, and does not wait for
+    the workers, which ignore SIGTERM (the interpreter's exit would stop them with it, then wait forever)."""
+    root = class_folders(tmp_path / "data", {"train": dict.fromkeys("abcd", 6), "val": dict.fromkeys("abcd", 3)})
+    (root / "train" / "b" / "odd_text.JPEG").write_text("this is text, not an image")
+    proc = run_script("mae.py", *MAE_TINY, "--data", "folder", "--data-path", root, "--subset", "0", "--batch-size",
+                      "3", "--workers", "2", "--out", tmp_path / "out", check=False, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "odd_text.JPEG" in proc.stderr
 
 
 def test_unusual_but_valid_images_load(tmp_path):
