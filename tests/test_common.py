@@ -155,6 +155,10 @@ def test_patch_embedding_under_autocast_is_the_convolution_as_a_matmul():
         (tokens.float() * torch.linspace(-1, 1, tokens.numel()).view_as(tokens)).sum().backward()
         return tokens.float(), embed.proj.weight.grad.clone()
 
+    assert embed.num_patches == 6 and embed.grid_size == (2, 3)
+    for size in ((8, 10), (10, 12)):  # one side not a multiple of the patch: refused
+        with pytest.raises(ValueError, match="not divisible"):
+            PatchEmbed(size, 4, 3, 16)
     tokens, grad = tokens_and_grad(embed)  # the matmul
     conv_tokens, conv_grad = tokens_and_grad(lambda x: embed.proj(x).flatten(2).transpose(1, 2))
     assert tokens.shape == (2, 6, 16)

@@ -215,6 +215,12 @@ def test_reconstruction_grid_rows(tmp_path, monkeypatch):
     assert torch.allclose(rows["reconstruction"], mae.denormalize(recon), atol=1e-5)
     assert torch.allclose(rows["pasted"], mae.denormalize(torch.where(hidden == 1, recon, imgs)), atol=1e-5)
     assert torch.allclose(rows["original"], mae.denormalize(imgs))
+    assert torch.allclose(rows["masked"], mae.denormalize(imgs) * (1 - hidden) + 0.5 * hidden)  # hidden: grey
+    flat = torch.full((2, 3, 16, 16), 0.3)  # constant patches: variance 0, the + 1e-6 alone keeps the std finite
+    mae.save_reconstruction(m, flat, 0.75, tmp_path / "r.png", "t", contextlib.nullcontext())
+    with torch.no_grad():
+        _, pred, _ = m(flat, 0.75, torch.rand(2, 16, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(rows["reconstruction"], mae.denormalize(m.unpatchify(pred * 1e-3 + 0.3)), atol=1e-6)
 
 
 def test_official_defaults_and_presets():

@@ -57,8 +57,9 @@ def test_mask_units_are_chosen_uniformly_and_deterministically():
 
 
 def test_mask_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="not a multiple of the mask unit"):
-        MaskGenerator(100, 32, 16, 0.6)
+    for size in (100, (96, 100), (100, 96)):  # either side of a rectangle too
+        with pytest.raises(ValueError, match="not a multiple of the mask unit"):
+            MaskGenerator(size, 32, 16, 0.6)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         MaskGenerator(192, 24, 16, 0.6)
     for bad in (["--img-size", "224", "--mask-patch-size", "24"], ["--img-size", "200", "--patch-size", "8"],
@@ -266,6 +267,7 @@ def test_reconstruction_grid_rows(tmp_path, monkeypatch):
     hidden = m.pixel_mask(mask)
     assert torch.allclose(rows["prediction"], simmim.denormalize(rec), atol=1e-6)
     assert torch.allclose(rows["pasted"], simmim.denormalize(torch.where(hidden == 1, rec, imgs)), atol=1e-6)
+    assert torch.allclose(rows["masked"], simmim.denormalize(imgs) * (1 - hidden) + 0.5 * hidden)  # hidden: grey
 
 
 def test_official_defaults_and_presets():
