@@ -275,6 +275,7 @@ def test_reconstruction_grid_rows(tmp_path, monkeypatch):
     hidden = m.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 48))
     assert torch.allclose(rows["reconstruction"], convmae.denormalize(recon), atol=1e-5)
     assert torch.allclose(rows["pasted"], convmae.denormalize(torch.where(hidden == 1, recon, imgs)), atol=1e-5)
+    assert torch.allclose(rows["masked"], convmae.denormalize(imgs) * (1 - hidden) + 0.5 * hidden)  # hidden: grey
 
 
 def test_official_defaults_and_recipes():

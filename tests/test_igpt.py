@@ -248,6 +248,14 @@ def test_kmeans_plus_plus_seeding_and_lloyd_fixed_point():
     for seed in range(3):
         seeds = kmeans(points, 4, iters=0, seed=seed)
         assert torch.cdist(true, seeds).min(1).values.max() < 0.1, seed  # every cluster got a seed
+    for seed in range(3):  # the seeds are the D^2 draws written out, on the same generator
+        g_ref = torch.Generator().manual_seed(seed)
+        ref = [points[torch.randint(len(points), (1,), generator=g_ref)][0]]
+        for _ in range(3):
+            d2 = torch.stack([(points - c).square().sum(-1) for c in ref]).min(0).values  # [P]
+            ref.append(points[torch.multinomial(d2 + 1e-12, 1, generator=g_ref)][0])
+        assert torch.cdist(torch.stack(ref), kmeans(points, 4, iters=0, seed=seed)).min(1).values.max() == 0
+    assert torch.cdist(kmeans(true, 4), true).min(1).values.max() == 0  # as many points as colours: each its own
     # overlapping data: the fixed point is the test
     points = torch.rand(3000, 3, generator=g) * 2 - 1
     centres = kmeans(points, 6, iters=500, seed=0)
