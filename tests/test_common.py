@@ -407,6 +407,14 @@ def test_memory_advice_names_the_need_and_a_batch_that_fits(monkeypatch, tmp_pat
         assert 0.5 < fixed < 8 and 0 < per_image < 4
 
 
+def test_the_last_step_of_a_run_is_known_for_its_log_line():
+    """is_last_step: the last micro-step of the last epoch, or the --max-steps'th step: both always logged."""
+    run = SimpleNamespace(cfg=SimpleNamespace(epochs=3, max_steps=0), steps_per_epoch=4, global_step=5)
+    assert [Run.is_last_step(run, e, s) for e, s in ((2, 3), (2, 2), (1, 3), (3, 3))] == [True, False, False, False]
+    run.cfg.max_steps = 5
+    assert Run.is_last_step(run, 1, 0) and not Run.is_last_step(SimpleNamespace(**{**vars(run), "global_step": 4}), 1, 0)
+
+
 def test_speed_in_the_logs_never_rounds_to_zero():
     from common.training import speed
     assert [speed(v) for v in (1234.4, 12.6, 3.14, 0.4, 0.05)] == ["1234 img/s", "13 img/s", "3.1 img/s",

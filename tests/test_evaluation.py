@@ -305,6 +305,10 @@ def test_cutmix_weights_labels_by_the_pasted_area():
         assert torch.allclose(y.sum(1), torch.ones(B))
         assert y[0, 0].item() == pytest.approx(1 - pasted) and y[0, 3].item() == pytest.approx(pasted)
         assert torch.equal(mixed[1, 0] == 2, mixed[0, 0] == 3)  # one box, the same for every pair
+        ref = np.random.default_rng(seed)  # the box by hand: side sqrt(1 - lam) x H around a uniform pixel, clipped
+        side, (cy, cx) = int(H * math.sqrt(1 - ref.beta(1.0, 1.0))), (ref.integers(H), ref.integers(H))
+        box = (min(cy + side // 2, H) - max(cy - side // 2, 0)) * (min(cx + side // 2, H) - max(cx - side // 2, 0))
+        assert pasted == box / H ** 2
         areas.append(pasted)
     assert min(areas) < 0.2 and max(areas) > 0.3  # lam really varies from batch to batch
 
