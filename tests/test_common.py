@@ -415,6 +415,21 @@ def test_the_last_step_of_a_run_is_known_for_its_log_line():
     assert Run.is_last_step(run, 1, 0) and not Run.is_last_step(SimpleNamespace(**{**vars(run), "global_step": 4}), 1, 0)
 
 
+def test_the_stop_signal_is_agreed_only_on_logging_steps_under_ddp(monkeypatch):
+    """Under DDP the ranks agree on a stop (one all_reduce) every --log-every steps only; between those, no rank
+    stops, whatever its own flag says; one process reads its flag directly."""
+    import common.training as training
+    reduced = []
+    monkeypatch.setattr(training.torch_dist, "all_reduce", lambda t, op: reduced.append(t.item()))
+    run = SimpleNamespace(dist=SimpleNamespace(world_size=2), cfg=SimpleNamespace(log_every=4), global_step=6,
+                          stop=SimpleNamespace(requested=True), device=torch.device("cpu"))
+    assert Run.stop_requested(run) is False and reduced == []
+    run.global_step = 8
+    assert Run.stop_requested(run) is True and reduced == [1.0]
+    run.dist.world_size, run.global_step = 1, 6
+    assert Run.stop_requested(run) is True
+
+
 def test_speed_in_the_logs_never_rounds_to_zero():
     from common.training import speed
     assert [speed(v) for v in (1234.4, 12.6, 3.14, 0.4, 0.05)] == ["1234 img/s", "13 img/s", "3.1 img/s",

@@ -548,3 +548,16 @@ def test_cli_finetune_learns_and_reports_the_baseline(tmp_path):
         losses = [float(x) for x in re.findall(rf"fine-tune {name} epoch \d: loss ([\d.]+)", proc.stdout)]
         assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[0] - losses[2] > 1e-3, losses
     assert f"(random init: {tuned['random_init']})" in proc.stdout
+
+
+@pytest.mark.parametrize("present", ["train", "val"])
+def test_evaluation_needs_both_labelled_splits(monkeypatch, present):
+    """A labelled train/ without val/ (or the reverse): the monitors are skipped with one line, not run on half."""
+    import common.evaluation as evaluation
+    lines = []
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    monkeypatch.setattr(evaluation, "build_eval_loader", lambda cfg, split, dist: loader if split == present else None)
+    run = SimpleNamespace(cfg=SimpleNamespace(data="folder", data_path="/x"), dist=None, log=lines.append)
+    assert evaluate(None, None, run) == {} and lines == ["evaluation skipped: folder at /x has no labelled train/ and "
+                                                        "val/ split"]
+
