@@ -50,7 +50,7 @@ from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_train
 from common.evaluation import (codebook_stats, denormalize, monitors, report, save_codebook_usage, save_image_grid,
                                token_colours)
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
-                             parse_config, progress, scaled_lr, set_grad_sync, set_lr)
+                             parse_config, progress, scaled_lr, set_grad_sync, set_lr, state_dict_fits)
 from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
 
 
@@ -398,10 +398,8 @@ def load_tokenizer(path, kind, new):
     if not isinstance(saved, dict) or saved.get("kind") != kind or "model" not in saved:
         raise UserError(f"{path} is not a {kind} tokenizer file of this project")
     tokenizer = new(saved["config"])
-    try:
-        tokenizer.load_state_dict(saved["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit a {kind} tokenizer: {str(e).splitlines()[0]}") from None
+    state_dict_fits(tokenizer, saved["model"], f"{path} does not fit a {kind} tokenizer")
+    tokenizer.load_state_dict(saved["model"])
     return tokenizer, saved
 
 

@@ -44,7 +44,8 @@ from beit import (BEiT, BEiTConfig, MaskingGenerator, beit_lr, build_two_view_da
 from common import UserError
 from common.data import IMAGENET_MEAN, IMAGENET_STD, mix_seed, preview_images, seeded_rng
 from common.evaluation import monitors, report
-from common.training import Run, cli, load_file, param_groups, parse_config, scaled_lr, set_grad_sync, set_lr
+from common.training import (Run, cli, load_file, param_groups, parse_config, scaled_lr, set_grad_sync, set_lr,
+                             state_dict_fits)
 from common.vit import (VIT_SIZES, Block, VisionTransformer, count_params, drop_path_rates, rescale_residual_branches,
                         vit_kwargs)
 
@@ -374,10 +375,8 @@ def repository_teacher(path):
                             pos_embed="learned" if "pos_embed" in state else None,
                             rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state,
                             **vit_kwargs(model, run_cfg.get("patch_size") or None))
-    try:
-        vit.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"--teacher {path} does not fit its config.json: {str(e).splitlines()[0]}") from None
+    state_dict_fits(vit, state, f"--teacher {path} does not fit its config.json")
+    vit.load_state_dict(state)
     return Teacher(vit, str(path), IMAGENET_MEAN, IMAGENET_STD, vit.patch_embed.img_size, vit.patch_embed.grid_size,
                    vit.embed_dim)
 

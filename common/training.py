@@ -432,9 +432,9 @@ def load_file(path, what="checkpoint"):
                         + (f": {first})" if first else ")")) from None
 
 
-def state_dict_fits(model, state, path, show=3):
-    """One line naming the first missing, unexpected and mis-shaped keys when `state` does not fit `model` (torch's
-    own message spans many lines)."""
+def state_dict_fits(model, state, what, show=3):
+    """One line, `what` then the first missing, unexpected and mis-shaped keys, when `state` does not fit `model`
+    (torch's own message spans many lines and its first says only which class failed)."""
     ours = model.state_dict()
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
@@ -443,7 +443,7 @@ def state_dict_fits(model, state, path, show=3):
     problems = [f"{len(keys)} {what}: " + ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
     if problems:
-        raise UserError(f"{path} does not fit this model: " + "; ".join(problems))
+        raise UserError(f"{what}: " + "; ".join(problems))
 
 
 def gather_bytes(obj):
@@ -798,11 +798,11 @@ class Run:
                             + ", ".join(f"{k} {theirs}" for k, _, theirs in clash)
                             + " (leave the flag out to continue the run as it was saved)")
         changed = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if hasattr(self.cfg, k)
-                   and getattr(self.cfg, k) != v and k not in ("resume", "eval_only", "max_steps", "out")}
+                   and getattr(self.cfg, k) != v and k not in (*NOT_RESUMED, "out")}
         if changed:  # allowed (a longer schedule, more workers), but never silent
             self.log("resuming with settings that differ from the checkpoint's: "
                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        state_dict_fits(self.model, ckpt["model"], path)
+        state_dict_fits(self.model, ckpt["model"], f"{path} does not fit this model")
         self.model.load_state_dict(ckpt["model"])
         self.global_step, self.last_loss = ckpt["global_step"], ckpt.get("last_loss")
         if not self.cfg.eval_only:
