@@ -56,8 +56,8 @@ from common.vit import (VIT_SIZES, Block, VisionTransformer, count_params, drop_
 # VQ-KD (official beit2/modeling_vqkd.py, norm_ema_quantizer.py) replaces BEiT's pixel-level dVAE by a *semantic*
 # tokenizer: it encodes the image with a ViT, quantizes every patch to the nearest of `vocab_size` unit-norm codes and
 # trains a small decoder to reconstruct, from the codes alone, a frozen teacher's features of the image (paper §2.2).
-# Its codes are BEiT v2's targets; it decodes teacher features, not pixels (unilm issue 854), so there is no picture
-# to show of them. It follows the tokenizer interface of beit.py's stage 1 (see the dVAE there).
+# Its codes are BEiT v2's targets; it decodes teacher features, not pixels (its authors confirm), so there is no
+# picture of them to show. It follows the tokenizer interface of beit.py's stage 1 (see the dVAE there).
 def l2norm(x):
     return F.normalize(x, p=2, dim=-1)
 
@@ -96,8 +96,8 @@ class NormEMAQuantizer(nn.Module):
 
     z -> l2norm(z); the nearest code by ||z||^2 + ||e||^2 - 2 z.e, which for unit vectors is 2 - 2 cos(z, e): the
     code of highest cosine. Loss = beta MSE(sg(z_q), z), the commitment term only: the codebook gets no gradient
-    (no codebook loss term, unilm issue 1290); instead, in training, each code moves by an EMA of the l2-normalised mean
-    of the vectors assigned to it in the batch (counts and sums all-reduced over the ranks),
+    (the official code has no codebook loss term); instead, in training, each code moves by an EMA of the l2-normalised
+    mean of the vectors assigned to it in the batch (counts and sums all-reduced over the ranks),
         e <- l2norm(decay e + (1 - decay) l2norm(mean)),
     and a code nobody picked keeps its value. The output is straight-through: z + sg(z_q - z), the value of z_q with
     the gradient of z. The codebook is a buffer: not a parameter, so no optimizer or weight decay touches it
