@@ -40,7 +40,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -51,12 +50,16 @@ from common.evaluation import (codebook_stats, denormalize, monitors, report, sa
                                token_colours)
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
                              parse_config, progress, scaled_lr, set_grad_sync, set_lr, state_dict_fits)
-from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
+from common.vit import (VisionTransformer, count_params, init_beit_style, set_grad_checkpointing, trunc_normal_sigma,
+                        vit_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                     masking                                                        #
 # ---------------------------------------------------------------------------------------------------------------- #
+MAX_ATTEMPTS = 64  # block attempts per image in a batched draw (MaskingGenerator.batched)
+
+
 class MaskingGenerator:
     """Blockwise masking (paper §2.5, Algorithm 1; official `MaskingGenerator` in beit/masking_generator.py).
 
@@ -64,10 +67,11 @@ class MaskingGenerator:
     aspect r log-uniform in [min_aspect, 1/min_aspect], sides h = round(sqrt(s r)), w = round(sqrt(s / r)) (strictly
     smaller than the grid), a uniform position; it is accepted when it hides 1 to `budget left` new patches. 10
     failed draws in a row end the image, so the count is <= num_masking_patches and varies per image (unlike SimMIM's
-    and BEiT v2's exact counts). The draws are the official ones, call for call, on a `random.Random`: seeded alike,
-    it gives the official masks bit for bit. Returns [B, N] bool masks, row-major, True = masked.
+    and BEiT v2's exact counts). `draw` makes the official draws, call for call, on a `random.Random`: seeded alike, it
+    gives the official masks bit for bit (the reference of the tests, and the fixed masks of the pictures). Training
+    draws the same law for the whole batch on the device (`batched`). Masks are [B, N] bool, row-major, True = masked.
     official: one mask per image in the data workers from the global `random` (never seeded: random.seed is commented
-    out); we: the images of a step drawn in a row from a Random seeded by (seed, rank, step), so resume is exact.
+    out); we: a step's masks from the generator of (seed, rank, step), so resume is exact.
     """
 
     def __init__(self, grid, num_masking_patches, min_num_patches=4, max_num_patches=None, min_aspect=0.3,
@@ -113,8 +117,44 @@ class MaskingGenerator:
         return mask
 
     def __call__(self, batch_size, rng, device=None):
+        """The official draw for `batch_size` images in a row from the Random `rng`, on the host: [B, N] bool."""
         masks = np.stack([self.draw(rng) for _ in range(batch_size)])  # [B, h, w]
         return torch.from_numpy(masks).flatten(1).bool().to(device, non_blocking=True)  # [B, N]
+
+    def batched(self, batch_size, generator, attempts=MAX_ATTEMPTS):
+        """The law of `draw` for a whole batch on the generator's device, without a host sync: every image makes its
+        block attempts in lock-step, `attempts` of them, each one draw of (target area, aspect, top, left) per image
+        from `generator`; an image stops attempting once it has its budget or 10 attempts in a row failed, as `draw`
+        does. Returns [B, N] bool, True = masked.
+        official: a Python loop per image in the data workers; we: tensor ops over the batch, so the masks of a step
+        cost the host nothing. An image still attempting after `attempts` keeps what it has (docs/FIDELITY.md: the
+        official loop needs ~11 attempts on 14 x 14, at most ~40)."""
+        B, H, W, dev = batch_size, self.height, self.width, generator.device
+        u = torch.rand(4, attempts, B, device=dev, generator=generator)  # area, aspect, top, left of every attempt
+        rows = torch.arange(H, device=dev).view(1, H)
+        cols = torch.arange(W, device=dev).view(1, W)
+        mask = torch.zeros(B, H, W, dtype=torch.bool, device=dev)
+        count = torch.zeros(B, dtype=torch.long, device=dev)  # patches masked so far
+        fails = torch.zeros(B, dtype=torch.long, device=dev)  # failed attempts in a row
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        low, high = self.log_aspect_ratio
+        for t in range(attempts):
+            budget = (self.num_masking_patches - count).clamp(max=self.max_num_patches)  # [B] max_mask_patches
+            area = self.min_num_patches + (budget - self.min_num_patches) * u[0, t]  # random.uniform(a, b)
+            aspect = torch.exp(low + (high - low) * u[1, t])
+            h = torch.sqrt(area * aspect).round().long()  # [B]
+            w = torch.sqrt(area / aspect).round().long()
+            top = (u[2, t] * (H - h + 1)).floor().long()  # random.randint(0, H - h), bounds included
+            left = (u[3, t] * (W - w + 1)).floor().long()
+            block = (((rows >= top[:, None]) & (rows < (top + h)[:, None]))[:, :, None]
+                     & ((cols >= left[:, None]) & (cols < (left + w)[:, None]))[:, None, :])  # [B, H, W]
+            delta = h * w - (mask & block).sum(dim=(1, 2))  # [B] patches this block would newly hide
+            accept = active & (h < H) & (w < W) & (delta > 0) & (delta <= budget)
+            mask |= block & accept.view(B, 1, 1)
+            count += torch.where(accept, delta, 0)
+            fails = torch.where(accept, 0, fails + 1)
+            active &= (fails < 10) & (count < self.num_masking_patches)
+        return mask.flatten(1)  # [B, N], row-major
 
 
 def mask_generator(cfg, kind=MaskingGenerator):
@@ -125,12 +165,6 @@ def mask_generator(cfg, kind=MaskingGenerator):
     num = cfg.num_mask_patches or max(1, round(n * 75 / 196))
     min_block = cfg.min_mask_patches_per_block or max(1, round(n * 16 / 196))
     return kind(grid, num, min_block, cfg.max_mask_patches_per_block or None, cfg.min_aspect)
-
-
-def step_rng(generator):
-    """The Random that draws this step's masks, seeded from the torch generator's seed (Run.step_generator: (seed,
-    rank, step)); reading the seed needs no device sync."""
-    return random.Random(generator.initial_seed())
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -215,15 +249,16 @@ def build_model(cfg, tokenizer=None):
     if tokenizer is None:
         with seeded_rng(mix_seed(cfg.seed, 1_000_003)):
             tokenizer = new_dvae(cfg)
-    return BEiT(tokenizer, cfg.img_size, cfg.patch_size, cfg.model, tokenizer.vocab_size, cfg.drop_path,
-                layer_scale(cfg))
+    model = BEiT(tokenizer, cfg.img_size, cfg.patch_size, cfg.model, tokenizer.vocab_size, cfg.drop_path,
+                 layer_scale(cfg))
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def pretraining_step(model, batch, masks, generator):
     """One forward as main() runs it: this step's masks (the generator `masks`, drawn from `generator`), tokens,
     loss and accuracy. `model` may be wrapped (DDP / torch.compile)."""
     imgs, tok_view = batch
-    mask = masks(imgs.shape[0], step_rng(generator), imgs.device)  # [B, N]
+    mask = masks.batched(imgs.shape[0], generator)  # [B, N], on the generator's device (= the images')
     return model(imgs, tok_view, mask, masks.num_masking_patches)
 
 
@@ -238,8 +273,9 @@ def training_loss(model, batch, cfg, generator):
 # A tokenizer, as stage 1 trains it and stage 2 uses it (any tokenizer with this interface fits the two stages):
 #   kind, vocab_size, stride (input pixels per token side), interpolation (of its view), config (constructor kwargs);
 #   get_codebook_indices(view [B, 3, h*s, w*s] in [0, 1]) -> ids [B, h*w]; decode(ids, (h, w)) -> [B, 3, H, W] in
-#   [0, 1] (None where a tokenizer cannot show pixels); forward(view, generator, progress) -> (stage-1 loss, ids,
-#   {name: scalar}) so that DDP can wrap it; recon_error(view) -> the error it is judged by, a scalar.
+#   [0, 1] (None where a tokenizer cannot show pixels); prepare(view, generator, progress) -> the other inputs of a
+#   stage-1 step (a tuple), made before it; forward(view, *those) -> (stage-1 loss, ids, {name: scalar}), tensor work
+#   only, so that DDP and torch.compile can wrap it; recon_error(view) -> the error it is judged by, a scalar.
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x in [0, 1] -> (1 - 2 eps) x + eps, so that logit(x) stays finite
 MIN_LOG_SCALE = math.log(1e-3)  # floor of the logit-Laplace scale b: flat image regions would drive it to 0
 GAUSS_SIGMA = 0.1  # the fixed standard deviation of the Gaussian reconstruction, in [0, 1] pixels
@@ -332,15 +368,25 @@ class DVAE(nn.Module):
         h, w = view.shape[-2] // self.stride, view.shape[-1] // self.stride
         return F.mse_loss(self.decode(self.get_codebook_indices(view), (h, w)), view.float())
 
-    def forward(self, view, generator, progress):
-        """Stage-1 loss at `progress` (fraction of stage 1 done): (loss, hard ids [B, N], logged scalars)."""
+    def prepare(self, view, generator, progress):
+        """The inputs of the training step at `progress` (fraction of stage 1 done) besides the view, made before it,
+        so that the step itself is tensor work only (one compiled graph): the uniforms of its Gumbel noise
+        [B, V, H/s, W/s] drawn from `generator`, the temperature tau and the KL weight beta of the schedules (0-d)."""
         cfg = self.schedule  # set by new_dvae from the run's config (dvae_schedule)
+        B, _, H, W = view.shape
+        noise = torch.rand((B, self.vocab_size, H // self.stride, W // self.stride), device=view.device,
+                           generator=generator)
         tau = cosine_anneal(progress, cfg["temp_anneal"], 1.0, cfg["temp_end"])
         beta = cosine_anneal(progress, cfg["kl_warmup"], 0.0, cfg["kl_weight"])
+        # as 0-d tensors (filled on the device, no copy): a compiled step takes new values without recompiling
+        return noise, torch.full((), tau, device=view.device), torch.full((), beta, device=view.device)
+
+    def forward(self, view, noise, tau, beta):
+        """Stage-1 loss with prepare's inputs: (loss, hard ids [B, N], logged scalars)."""
+        cfg = self.schedule
         logits = self.logits(view)  # [B, V, h, w]
         B, V, h, w = logits.shape
-        u = torch.rand(logits.shape, device=logits.device, generator=generator)
-        exponential = -torch.log(u.clamp(min=1e-20))  # Exp(1) noise; Gumbel noise is -log of it
+        exponential = -torch.log(noise.clamp(min=1e-20))  # Exp(1) noise; Gumbel noise is -log of it
         gumbel = -torch.log(exponential.clamp(min=1e-20))
         z_soft = torch.softmax((logits + gumbel) / tau, dim=1)  # [B, V, h, w], relaxed one-hots
         if cfg["straight_through"]:  # forward: the sample's one-hot; backward: the relaxed gradient
@@ -452,6 +498,8 @@ def two_view_augment(img_size, tok_size, crop_scale=(0.08, 1.0)):
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def augment(images, generator):
+        nonlocal mean, std
+        mean, std = mean.to(images.device), std.to(images.device)  # copied once, then found there
         B, _, H, W = images.shape
         # ColorJitter(0.4, 0.4, 0.4) before the crop, on the whole image, as officially
         x = color_jitter(images.float() / 255, generator, brightness=0.4, contrast=0.4, saturation=0.4)
@@ -459,7 +507,7 @@ def two_view_augment(img_size, tok_size, crop_scale=(0.08, 1.0)):
         flip = torch.rand(B, device=images.device, generator=generator) < 0.5
         model_view = crop_resize_flip(x, top, left, h, w, flip, img_size, "bicubic")
         tok_view = crop_resize_flip(x, top, left, h, w, flip, tok_size, "bicubic").clamp(0, 1)
-        return (model_view - mean.to(x.device)) / std.to(x.device), tok_view
+        return (model_view - mean) / std, tok_view
     return augment
 
 
@@ -498,6 +546,7 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
     data = build_two_view_data(cfg, run, tok_size, tokenizer.interpolation, cfg.tokenizer_batch_size)
     optimizer = torch.optim.AdamW(param_groups(tokenizer, cfg.tokenizer_weight_decay), lr=cfg.tokenizer_lr,
                                   betas=(0.9, 0.999), fused=True)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)  # fp16: scaled backward
     start_epoch, start_step = 0, 0
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -506,7 +555,7 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
         run.out.mkdir(parents=True, exist_ok=True)
         run.write_json("config.json", asdict(cfg))  # (rewritten by stage 2)
         run.log_file = open(run.out / "log.jsonl", "a")
-    train_model = DDP(tokenizer) if run.dist.world_size > 1 else tokenizer
+    train_model = run.wrap(tokenizer)  # torch.compile and/or DDP, as stage 2
     views = fixed_views(cfg, run, tok_size, 256)  # reconstruction error and pictures
     total = cfg.tokenizer_epochs * data.steps_per_epoch
     grid = (cfg.img_size // cfg.patch_size,) * 2
@@ -543,11 +592,13 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
             lr = set_lr(optimizer, cfg.tokenizer_min_lr + (cfg.tokenizer_lr - cfg.tokenizer_min_lr) * 0.5 * (
                 1 + math.cos(math.pi * it / total)))
             with run.autocast():
-                loss, ids, terms = train_model(view, run.step_generator(it), it / total)
-            loss.backward()
-            optimizer.step()
+                inputs = tokenizer.prepare(view, run.step_generator(it), it / total)  # eagerly, before the step
+                loss, ids, terms = train_model(view, *inputs)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # (skipped on inf/NaN gradients under fp16)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            counts += torch.bincount(ids.flatten(), minlength=tokenizer.vocab_size)
+            counts.index_add_(0, ids.flatten(), torch.ones_like(ids.flatten(), dtype=counts.dtype))  # (no sync)
             if names is None:
                 names = [k for k, v in terms.items() if torch.is_tensor(v)]
                 sums = torch.zeros(1 + len(names), device=run.device)  # loss and those, summed over the epoch
@@ -787,7 +838,8 @@ def main():
             accuracy = torch.zeros((), device=run.device)
             for step, (batch, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, beit_lr(it, data.steps_per_epoch, cfg))
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, beit_lr(first, data.steps_per_epoch, cfg))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)
                 with run.autocast():

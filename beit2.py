@@ -17,7 +17,7 @@ Run:     python mae.py --out runs/mae && python beit2.py --teacher runs/mae/enco
          torchrun --nproc_per_node 16 beit2.py --data imagenet --data-path /data/imagenet --teacher ...
 Deviations from the official code (beyond beit.py's, which hold here too):
   - k-means init synchronised across ranks (official: per rank, never synchronised)
-  - the codebook is a buffer and its statistics use bincount / index_add; no usage EMA (stage 1 logs the usage)
+  - the codebook is a buffer and its statistics use index_add; no usage EMA (stage 1 logs the usage)
   - the teacher is any encoder of this repository or a timm model (official: CLIP or DINO, built in)
   - the masked patches that top up a mask come from the step's Random (official: NumPy's global generator)
   - stage 1 uses the two-view augmentation, colour jitter included (official VQ-KD: crop + flip only)
@@ -39,15 +39,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import beit
-from beit import (BEiT, BEiTConfig, MaskingGenerator, beit_lr, build_two_view_data, fixed_views, layer_scale,
-                  masked_positions, obtain_tokenizer, pretraining_step, save_reconstruction, tokenizer_view_size)
+from beit import (MAX_ATTEMPTS, BEiT, BEiTConfig, MaskingGenerator, beit_lr, build_two_view_data, fixed_views,
+                  layer_scale, masked_positions, obtain_tokenizer, pretraining_step, save_reconstruction,
+                  tokenizer_view_size)
 from common import UserError
 from common.data import IMAGENET_MEAN, IMAGENET_STD, mix_seed, preview_images, seeded_rng
 from common.evaluation import monitors, report
 from common.training import (Run, cli, load_file, param_groups, parse_config, scaled_lr, set_grad_sync, set_lr,
                              state_dict_fits)
 from common.vit import (VIT_SIZES, Block, VisionTransformer, count_params, drop_path_rates, rescale_residual_branches,
-                        vit_kwargs)
+                        run_block, set_grad_checkpointing, vit_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -105,7 +106,7 @@ class NormEMAQuantizer(nn.Module):
     batch by 10 rounds of spherical k-means (official --quantize_kmeans_init).
     official: each rank runs k-means on its own batch and the ranks keep different codebooks; we: every rank runs
     it on the batches of all ranks (all-gathered) and takes rank 0's result, so the ranks agree from the start.
-    official: the assignment statistics through a [M, V] one-hot matrix; we: bincount and index_add (the same sums).
+    official: the assignment statistics through a [M, V] one-hot matrix; we: index_add (the same sums).
     official: also an EMA of code usage (`cluster_size`), only for logging; we: the usage is counted by stage 1."""
 
     def __init__(self, vocab_size, dim, beta=1.0, decay=0.99):
@@ -113,6 +114,15 @@ class NormEMAQuantizer(nn.Module):
         self.vocab_size, self.dim, self.beta, self.decay = vocab_size, dim, beta, decay
         self.register_buffer("codebook", torch.zeros(vocab_size, dim))  # [V, d], unit rows once initialised
         self.register_buffer("initted", torch.zeros((), dtype=torch.bool))
+        self.known_ready = False  # `initted` as last read on the host: once True, no step reads it again
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "known_ready", False))
+
+    def ready(self):
+        """Whether the codebook is initialised: `initted` is read from the device until it says so, then the answer is
+        kept on the host, so that a training step does not wait for the device to ask."""
+        if not self.known_ready:
+            self.known_ready = bool(self.initted)
+        return self.known_ready
 
     def nearest(self, flat):
         """flat [M, d] unit rows -> ids [M] of the nearest codes (the official distance, term for term)."""
@@ -131,11 +141,13 @@ class NormEMAQuantizer(nn.Module):
         if distributed():
             torch_dist.broadcast(self.codebook, 0)
         self.initted.fill_(True)
+        self.known_ready = True
 
     @torch.no_grad()
     def ema_update(self, flat, ids):
         """One EMA step of the codebook towards the l2-normalised mean of the vectors assigned to each code."""
-        bins = torch.bincount(ids, minlength=self.vocab_size).to(flat.dtype)  # [V]
+        bins = torch.zeros(self.vocab_size, dtype=flat.dtype, device=flat.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=flat.dtype))  # [V] (a fixed length: no sync, unlike bincount on CUDA)
         sums = torch.zeros_like(self.codebook).index_add_(0, ids, flat)  # [V, d]
         if distributed():
             torch_dist.all_reduce(bins)
@@ -149,7 +161,7 @@ class NormEMAQuantizer(nn.Module):
         """z [B, N, d] (fp32) -> (z_q [B, N, d] straight-through, commitment loss, ids [B, N])."""
         z = l2norm(z)
         flat = z.reshape(-1, self.dim)  # [B N, d]
-        if self.training and not self.initted:  # (official: also in eval; an untrained tokenizer is not used there)
+        if self.training and not self.ready():  # (official: also in eval; an untrained tokenizer is not used there)
             self.kmeans_init(flat.detach(), generator)
         ids = self.nearest(flat.detach())  # [B N]
         z_q = self.codebook[ids].view_as(z)  # the codes before this step's update, as officially
@@ -255,11 +267,16 @@ class VQKD(nn.Module):
         with torch.no_grad():
             return self.teacher(view).float()
 
-    def encode(self, view, generator=None):
-        """view [B, 3, H, W] in [0, 1] -> (codes [B, N, d] straight-through, commitment loss, ids [B, N])."""
+    def encode_unquantized(self, view):
+        """view [B, 3, H, W] in [0, 1] -> z [B, N, d] in fp32, what the quantizer receives."""
         x = patch_tokens(self.encoder, view * 2 - 1)  # [B, N, D]; official pre_process: [0, 1] -> [-1, 1]
         with torch.autocast(view.device.type, enabled=False):
-            z = self.encode_task_layer(x.float())  # [B, N, d] in fp32
+            return self.encode_task_layer(x.float())  # [B, N, d]
+
+    def encode(self, view, generator=None):
+        """view [B, 3, H, W] in [0, 1] -> (codes [B, N, d] straight-through, commitment loss, ids [B, N])."""
+        z = self.encode_unquantized(view)
+        with torch.autocast(view.device.type, enabled=False):
             return self.quantize(z, generator)
 
     def decode_features(self, z_q):
@@ -277,11 +294,22 @@ class VQKD(nn.Module):
         """None: VQ-KD reconstructs teacher features, not pixels (the interface's "cannot show pixels")."""
         return None
 
-    def forward(self, view, generator, progress):
-        """Stage-1 loss (official VQKD.forward): (loss, ids [B, N], logged scalars). `progress` is unused (no
-        schedule: official VQ-KD anneals nothing)."""
+    @torch.no_grad()
+    def prepare(self, view, generator, progress):
+        """Before a training step, eagerly: the k-means init of the codebook on the first batch, as the quantizer's
+        first training forward would do it (the same vectors and generator), so that the step itself never branches
+        on it (one compiled graph). The step takes no other input (no schedule: official VQ-KD anneals nothing)."""
+        if not self.quantize.ready():
+            z = l2norm(self.encode_unquantized(view))  # [B, N, d], as the quantizer normalises it
+            self.quantize.kmeans_init(z.reshape(-1, self.quantize.dim), generator)  # [B N, d]
+        return ()
+
+    def forward(self, view):
+        """Stage-1 loss (official VQKD.forward): (loss, ids [B, N], logged scalars). A codebook not yet initialised
+        (a forward without `prepare`) is initialised here from the global generator, as the official first training
+        forward does."""
         target = self.targets(view)  # [B, N, C]
-        z_q, commit, ids = self.encode(view, generator)
+        z_q, commit, ids = self.encode(view)
         rec = self.decode_features(z_q).float()  # [B, N, C]
         rec_loss = cosine_loss(rec, target)
         return rec_loss + commit, ids, {"rec": rec_loss.detach(), "commit": commit.detach()}
@@ -437,6 +465,15 @@ class ExactMaskingGenerator(MaskingGenerator):
             mask.flat[rng.sample(free.tolist(), missing)] = 1
         return mask
 
+    def batched(self, batch_size, generator, attempts=MAX_ATTEMPTS):
+        """`draw`'s law for the batch on the device (MaskingGenerator.batched, then the top-up): each image's
+        missing patches are a uniform choice among its unmasked ones, the lowest of a random key per patch."""
+        mask = super().batched(batch_size, generator, attempts)  # [B, N]
+        missing = self.num_masking_patches - mask.sum(dim=1, keepdim=True)  # [B, 1]
+        keys = torch.rand(mask.shape, device=mask.device, generator=generator) + mask  # masked patches sort last
+        rank = keys.argsort(dim=1).argsort(dim=1)  # [B, N]: each patch's place in its image's key order
+        return mask | (rank < missing)
+
 
 class BEiTv2(BEiT):
     """The BEiT v2 pre-training model (official `VisionTransformerForMaskedImageModelingCLS`, shared_lm_head True):
@@ -463,6 +500,7 @@ class BEiTv2(BEiT):
         # parent's __init__), so they keep PyTorch's default init; only the fix-init rescale is applied, with layer
         # ids early_layers + 1, early_layers + 2 (`fix_init_cls_pt_weight`). We do the same.
         rescale_residual_branches(self.cls_pt_layers, first=self.early_layers + 1)
+        self.grad_checkpointing = False  # both branches under activation checkpointing (set_grad_checkpointing)
 
     def forward_branches(self, imgs, mask):
         """imgs [B, 3, H, W] normalised, mask [B, N] bool -> (main, aggregation) normed patch tokens, [B, N, D] each."""
@@ -472,12 +510,12 @@ class BEiTv2(BEiT):
         x = self.encoder.prepend_cls(x)  # [B, 1+N, D]
         attn_bias = self.encoder.rel_pos_bias()  # [H, 1+N, 1+N], shared by every block, the extra ones too
         for i, block in enumerate(self.encoder.blocks, start=1):
-            x = block(x, attn_bias)
+            x = run_block(block, x, attn_bias, grad_checkpointing=self.grad_checkpointing)
             if i == self.early_layers:
                 early = x[:, 1:]  # [B, N, D], the patch states after block early_layers
         agg = torch.cat([x[:, :1], early], dim=1)  # [B, 1+N, D]: the last block's cls + the early patch states
         for block in self.cls_pt_layers:
-            agg = block(agg, attn_bias)
+            agg = run_block(block, agg, attn_bias, grad_checkpointing=self.grad_checkpointing)
         return self.encoder.norm(x)[:, 1:], self.encoder.norm(agg)[:, 1:]  # one shared final norm
 
     def forward(self, imgs, tok_view, mask, slots):
@@ -508,8 +546,9 @@ def build_model(cfg, tokenizer=None):
         with seeded_rng(mix_seed(cfg.seed, 1_000_003)):
             tokenizer = new_vqkd(cfg, with_teacher=False)
     tokenizer.teacher = None  # stage 2 needs only the ids: free the teacher stage 1 may have left (GPU memory)
-    return BEiTv2(tokenizer, cfg.img_size, cfg.patch_size, cfg.model, tokenizer.vocab_size, cfg.drop_path,
-                  layer_scale(cfg), cfg.early_layers or None, cfg.head_layers)
+    model = BEiTv2(tokenizer, cfg.img_size, cfg.patch_size, cfg.model, tokenizer.vocab_size, cfg.drop_path,
+                   layer_scale(cfg), cfg.early_layers or None, cfg.head_layers)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def training_loss(model, batch, cfg, generator):
@@ -591,7 +630,8 @@ def main():
             accuracy = torch.zeros((), device=run.device)
             for step, (batch, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, beit_lr(it, data.steps_per_epoch, cfg))
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, beit_lr(first, data.steps_per_epoch, cfg))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)
                 with run.autocast():

@@ -33,27 +33,40 @@ cores compiling one base model takes minutes. `--preset demo` times each method 
 itself next to the steps the demo runs. The compile time depends on the inductor cache: run once with
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) for a cold cache, then again with the same directory for a warm one.
 
-`python bench.py --loader` measures the input pipelines in img/s: an ImageNet-style folder of JPEGs (500 x 375,
-quality 90, written to a temporary folder) through the DataLoader path of common/data.py (decode +
-RandomResizedCrop(224) + flip + normalise) with 0, 1, 2 workers, and a small 32 px set (synthetic, held in memory
-like CIFAR) through the DataLoader path and through the resident path (ResidentData, augmented in batches on the
-device). Epoch 0 is the warm-up (worker start-up, page cache; its time to first batch is reported apart); epoch 1
-is timed from its first request to its last batch.
+`python bench.py --loader` measures the input pipelines in img/s: an ImageNet-style folder of JPEGs (--data-path,
+else 500 x 375 at quality 90 written to a temporary folder) through the DataLoader path of common/data.py
+(ResizedCropFlip: decode no larger than the crop needs + RandomResizedCrop(scale 0.2-1, bicubic) + flip to uint8)
+with 0, 1, 2 workers, timed as the uint8 batches the workers deliver (a GPU normalises them in one operation of its
+own), each 1- and 2-worker row followed by torchvision's pipeline on the same files (ImageFolder + the same
+RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize in the workers, as the official MAE builds it); then a small 32 px set (synthetic, held in memory like CIFAR) through the DataLoader path and through
+the resident path (ResidentData, augmented in batches on the device). Epoch 0 is the warm-up (worker start-up, page
+cache; its time to first batch is reported apart); then --loader-epochs epochs are timed, each from its first
+request to its last batch, and a row's img/s is their median. The run ends with `speedup N.NNx`: ours / torchvision
+img/s with the same workers, the mean over 1 and 2 workers.
 
-`python bench.py --memory` measures the host memory each method's ImageNet recipe needs on the CPU in fp32: the
-peak RSS of its training step (as above, fp32 column) at two batch sizes (--memory-batches), each in a process of
-its own (the high-water mark of one process would carry over), fitted as fixed + per image. These are the
-`host_memory_gib` of each file's Config, which --help's preset table and the run's memory check use.
+`python bench.py --memory` measures the memory each method's ImageNet recipe needs, per GPU and on the host.
+GPU: one training forward at two small batches on the CPU under bf16 autocast, as a GPU runs it, counting every byte
+saved for backward (torch.autograd.graph.saved_tensors_hooks, each storage once; the GPU's fused attention stands in
+for the CPU's bf16 one), without and with activation checkpointing (--grad-checkpointing), as fixed + per image; plus
+the input batch and the state: fp32 weights, gradients, DDP's gradient buckets and AdamW's two moments per trainable
+parameter, frozen teachers and tokenizers at their size. The table gives the largest per-GPU batch within 90 % of
+80 GB (GPU_BUDGET) and whether the recipe's per-GPU batch, with its preset's checkpointing, fits. Host (unless
+--no-host-memory): the peak RSS of the fp32 training step (as above, fp32 column) at two batch sizes
+(--memory-batches), each in a process of its own (the high-water mark of one process would carry over), fitted as
+fixed + per image. These are the `host_memory_gib` of each file's Config, which --help's preset table and the run's
+memory check use.
 
 Run:     python bench.py                    # every method, ViT-B/16 at 224 px, batch 64 on CUDA, 8 on the CPU
          python bench.py --methods mae --model vit_large --batch-size 128 --json bench-large.json
          python bench.py --methods mae,igpt --steps 3
          python bench.py --preset demo --compile   # each demo's model: does torch.compile pay off within the demo?
          python bench.py --loader           # data-loading throughput
-         python bench.py --memory           # host memory of each ImageNet recipe (fixed + per image)
+         python bench.py --loader --data-path ~/photos --loader-epochs 5   # a folder of your own images
+         python bench.py --memory           # GPU and host memory of each ImageNet recipe (fixed + per image)
 Results: docs/PERFORMANCE.md (each table with its machine, torch version and command).
 """
 import argparse
+import dataclasses
 import gc
 import importlib
 import json
@@ -66,18 +79,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torchvision import datasets
+from torchvision import transforms as T
 
 from common import UserError
-from common.data import (SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData, SyntheticDataset, build_dataset,
-                         mix_seed, pretrain_transform, render_synthetic)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_CLASSES, ArrayDataset, LoaderData, ResidentData,
+                         ResizedCropFlip, SyntheticDataset, build_dataset, mix_seed, render_synthetic)
 from common.training import (cli, cpu_has_fast_bf16, param_groups, parse_config, reuse_freed_host_memory,
                              setup_distributed)
-from common.vit import VIT_SIZES, count_params
+from common.vit import VIT_SIZES, count_params, set_grad_checkpointing
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt")  # benchmarked when <name>.py exists
@@ -126,10 +143,18 @@ def parse_args(argv=None):
                         "ops by their share of the step")
     p.add_argument("--loader", action="store_true", help="measure data loading instead of training steps")
     p.add_argument("--memory", action="store_true",
-                   help="measure each ImageNet recipe's host memory (CPU, fp32) at --memory-batches, fitted as "
-                        "fixed + per image")
-    p.add_argument("--memory-batches", default="4,8", help="--memory: the two batch sizes")
+                   help="measure each ImageNet recipe's memory: on a GPU (bytes saved for backward under bf16 "
+                        "autocast, counted on the CPU, + weights, gradients and AdamW state; the largest per-GPU "
+                        "batch) and on the host (CPU, fp32, at --memory-batches), each fitted as fixed + per image")
+    p.add_argument("--memory-batches", default="4,8", help="--memory: the two batch sizes of the host table")
+    p.add_argument("--host-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="--memory: also the host table (a bench.py process per method and batch: minutes each)")
     p.add_argument("--loader-images", type=int, default=256, help="--loader: JPEGs in the temporary folder")
+    p.add_argument("--data-path", default="",
+                   help="--loader: time this folder of images (class subfolders or flat; with train/, its train/) "
+                        "instead of generated JPEGs (default: a temporary folder of --loader-images)")
+    p.add_argument("--loader-epochs", type=int, default=1,
+                   help="--loader: epochs timed per row after the warm-up one (img/s: their median)")
     p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
     args = p.parse_args(argv)
     if args.profile < 0:
@@ -138,7 +163,9 @@ def parse_args(argv=None):
         raise UserError("--preset demo benchmarks each demo's own model and input; --model, --img-size and "
                         "--patch-size set the sizes of --preset imagenet")
     args.model, args.img_size = getattr(args, "model", "vit_base"), getattr(args, "img_size", 224)
-    for name in ("img_size", "steps", "loader_images", "small_images"):
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UserError(f"--data-path {args.data_path} is not a folder")
+    for name in ("img_size", "steps", "loader_images", "small_images", "loader_epochs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size < 0 or args.patch_size < 0:
@@ -430,16 +457,41 @@ def compile_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-#                                                 host memory                                                        #
+#                                                     memory                                                         #
 # ---------------------------------------------------------------------------------------------------------------- #
+GPU_BYTES = 80e9  # an "80 GB" GPU counted as 80 x 10^9 bytes: a little less than such a card holds
+GPU_HEADROOM = 0.10  # kept free: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation, backward's gradients
+GPU_BUDGET = GPU_BYTES * (1 - GPU_HEADROOM)
+GPU_MEMORY_BATCHES = (2, 4)  # one forward at each; the bytes per image are the slope between them
+# Per trainable parameter on each GPU: fp32 weight, fp32 .grad, DDP's fp32 gradient bucket (a copy unless
+# gradient_as_bucket_view), AdamW's exp_avg and exp_avg_sq (fp32; every method's optimizer is AdamW)
+TRAINABLE_BYTES = 4 + 4 + 4 + 2 * 4
+
+
 def bench_memory(args):
+    """--memory: the host table (`host_memory_rows`, unless --no-host-memory) and the GPU table (`gpu_memory_row`)."""
+    if args.preset != "imagenet":
+        raise UserError("--memory measures the ImageNet recipes; --preset demo sizes the training table")
+    names = select_methods(args.methods)
+    host = host_memory_rows(args, names) if args.host_memory else []
+    gpu = []
+    for name in names:
+        module = importlib.import_module(name)
+        recipe = module.Config(**module.PRESETS.get("imagenet", {}))  # the per-GPU batch of the ImageNet recipe
+        cfg = method_config(module, argparse.Namespace(**{**vars(args), "batch_size": recipe.batch_size}))
+        gpu.append(gpu_memory_row(module, cfg))
+        print(f"  {name}: {gpu[-1]['need_gb']:.1f} GB at batch {cfg.batch_size}", flush=True)
+    return {"host_rows": host, "gpu_rows": gpu}
+
+
+def host_memory_rows(args, names):
     """One row per method: the fp32 training step's peak RSS at two batch sizes, each measured by a bench.py process
     of its own, and the line through them: fixed GiB + GiB per image."""
     b1, b2 = (int(b) for b in args.memory_batches.split(","))
     if not 0 < b1 < b2:
         raise UserError(f"--memory-batches needs two increasing batch sizes, got {args.memory_batches}")
     rows = []
-    for name in select_methods(args.methods):
+    for name in names:
         peaks = []
         for batch in (b1, b2):
             with tempfile.TemporaryDirectory() as tmp:
@@ -458,15 +510,137 @@ def bench_memory(args):
     return rows
 
 
-def memory_table(rows):
-    lines = ["| method | model | peak GiB at the two batches | fixed GiB | GiB per image | at the recipe's batch "
-             "| Config.host_memory_gib |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        need = r["fixed_gib"] + r["per_image_gib"] * r["recipe_batch"]
-        peaks = ", ".join(f"{p:.2f} (batch {b})" for p, b in zip(r["peak_gib"], r["batches"]))
-        lines.append(f"| {r['method']} | {r['model']} | {peaks} | {r['fixed_gib']:.2f} | {r['per_image_gib']:.3f} "
-                     f"| {need:.1f} (batch {r['recipe_batch']}) | {r['stated'] or '—'} |")
-    return "\n".join(lines)
+class FusedAttentionStandIn(torch.autograd.Function):
+    """What a GPU's fused attention (flash or memory-efficient SDPA) keeps for backward: q, k, v, the output, the
+    fp32 log-sum-exp of each query's row [B, H, N] and the bias; common/vit.py's bf16 path on the CPU keeps the
+    [B, H, N, N] attention instead. Forward only: it stands in while saved bytes are counted."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_bias, causal):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=causal)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # [B, H, N]
+        ctx.save_for_backward(q, k, v, out, lse, *([] if attn_bias is None else [attn_bias]))
+        return out
+
+
+def fused_attention_stand_in(q, k, v, attn_bias=None, causal=False):
+    return FusedAttentionStandIn.apply(q, k, v, attn_bias, causal)
+
+
+def block_modules(model):
+    """The blocks `run_block` may checkpoint: the members of every block list held by a module that has a
+    `grad_checkpointing` switch."""
+    return [block for owner in model.modules() if hasattr(owner, "grad_checkpointing")
+            for blocks in owner.children() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
+
+
+def saved_bytes(module, model, cfg):
+    """One training forward (the method's training_loss on bench_batch images, cfg.batch_size of them) on the CPU under
+    bf16 autocast, as a GPU runs it (the GPU's attention kernel stands in for the CPU's bf16 one). Returns (bytes
+    saved for backward, the most bytes one block call saves, bytes of the input batch). Each storage counts once
+    (views share theirs); parameters and buffers count as state, not here. Under activation checkpointing a block
+    keeps only its inputs: its backward runs its forward again, so one block's saved bytes come on top then."""
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved, block_bytes, start = {}, [0], []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in state:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def enter(*_):
+        start.append(sum(saved.values()))
+
+    def leave(*_):
+        block_bytes.append(sum(saved.values()) - start.pop())
+
+    blocks = block_modules(model)
+    hooks = [b.register_forward_pre_hook(enter) for b in blocks] + [b.register_forward_hook(leave) for b in blocks]
+    batch = bench_batch(module, cfg, torch.device("cpu"))
+    try:
+        with mock.patch("common.vit.explicit_attention", fused_attention_stand_in), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            loss = module.training_loss(model, batch, cfg, torch.Generator().manual_seed(cfg.seed))
+    finally:
+        for h in hooks:
+            h.remove()
+    del loss  # the graph holds the saved tensors, so their storages stayed distinct until now
+    inputs = batch if isinstance(batch, (tuple, list)) else [batch]
+    return sum(saved.values()), max(block_bytes), sum(t.nbytes for t in inputs)
+
+
+def gpu_memory_row(module, cfg, batches=GPU_MEMORY_BATCHES):
+    """What one GPU holds in a training step of cfg (its batch_size per GPU): the state (TRAINABLE_BYTES per
+    trainable parameter; frozen ones, EMA teachers and tokenizers at their size), and without and with activation
+    checkpointing the line fixed + per image (fixed_bytes, per_image_bytes) through two forwards (`saved_bytes`) of
+    the bytes saved for backward plus the input batch (checkpointed: plus one block's recompute). Where
+    cfg.grad_checkpointing is set (the preset), its need is the checkpointed one."""
+    torch.manual_seed(0)
+    model = module.build_model(cfg)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if not t.requires_grad)
+    state = trainable * TRAINABLE_BYTES + frozen
+    line = {}
+    for checkpointing in (False, True):
+        set_grad_checkpointing(model, checkpointing)
+        points = [saved_bytes(module, model, dataclasses.replace(cfg, batch_size=b)) for b in batches]
+        saved, block, inputs = ([p[i] for p in points] for i in range(3))
+        total = [s + x + (k if checkpointing else 0) for s, x, k in zip(saved, inputs, block)]
+        per_image = (total[1] - total[0]) / (batches[1] - batches[0])
+        line[checkpointing] = (total[0] - per_image * batches[0], per_image)  # (fixed, per image) bytes
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
+    label = (module.bench_label(cfg) if hasattr(module, "bench_label") else
+             f"{cfg.model}/{cfg.patch_size} {cfg.img_size}px")
+    row = {"method": module.__name__, "model": label, "batch": cfg.batch_size, "accum_iter": cfg.accum_iter,
+           "checkpointing": cfg.grad_checkpointing, "trainable_params": trainable, "state_bytes": state,
+           "fixed_bytes": {"plain": line[False][0], "checkpointed": line[True][0]},
+           "per_image_bytes": {"plain": line[False][1], "checkpointed": line[True][1]}}
+    return gpu_fit(row)
+
+
+def gpu_fit(row):
+    """Adds to a gpu_memory_row: the bytes at its batch with its checkpointing (need_gb, fits: within GPU_BUDGET),
+    and the largest batch within GPU_BUDGET without and with checkpointing."""
+    def need(batch, kind):
+        return row["state_bytes"] + row["fixed_bytes"][kind] + row["per_image_bytes"][kind] * batch
+
+    def largest(kind):
+        return max(0, int((GPU_BUDGET - need(0, kind)) // row["per_image_bytes"][kind]))
+    kind = "checkpointed" if row["checkpointing"] else "plain"
+    row["need_gb"] = need(row["batch"], kind) / 1e9
+    row["fits"] = need(row["batch"], kind) <= GPU_BUDGET
+    row["largest_batch"] = {k: largest(k) for k in ("plain", "checkpointed")}
+    return row
+
+
+def memory_table(result):
+    """The host table (when measured) and the GPU table of a bench_memory result."""
+    tables = []
+    if result["host_rows"]:
+        lines = ["| method | model | peak GiB at the two batches | fixed GiB | GiB per image | at the recipe's batch "
+                 "| Config.host_memory_gib |", "|---|---|---|---|---|---|---|"]
+        for r in result["host_rows"]:
+            need = r["fixed_gib"] + r["per_image_gib"] * r["recipe_batch"]
+            peaks = ", ".join(f"{p:.2f} (batch {b})" for p, b in zip(r["peak_gib"], r["batches"]))
+            lines.append(f"| {r['method']} | {r['model']} | {peaks} | {r['fixed_gib']:.2f} "
+                         f"| {r['per_image_gib']:.3f} | {need:.1f} (batch {r['recipe_batch']}) "
+                         f"| {r['stated'] or '—'} |")
+        tables.append("\n".join(lines))
+    lines = [f"| method | model | params (M) | state GB | MB/image plain / checkpointed | largest batch in "
+             f"{GPU_BUDGET / 1e9:.0f} GB plain / checkpointed | preset per-GPU batch | checkpointing | GB at that "
+             f"batch | fits {GPU_BUDGET / 1e9:.0f} GB |", "|" + "---|" * 10]
+    for r in result["gpu_rows"]:
+        per_image = " / ".join(f"{r['per_image_bytes'][k] / 1e6:.1f}" for k in ("plain", "checkpointed"))
+        largest = " / ".join(str(r["largest_batch"][k]) for k in ("plain", "checkpointed"))
+        batch = f"{r['batch']}" + (f" (x {r['accum_iter']} accum)" if r["accum_iter"] > 1 else "")
+        lines.append(f"| {r['method']} | {r['model']} | {r['trainable_params'] / 1e6:.1f} "
+                     f"| {r['state_bytes'] / 1e9:.2f} | {per_image} | {largest} | {batch} "
+                     f"| {'on' if r['checkpointing'] else 'off'} | {r['need_gb']:.1f} "
+                     f"| {'yes' if r['fits'] else 'NO'} |")
+    tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -483,61 +657,126 @@ def write_jpegs(root, n):
         Image.fromarray(img[:375]).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def time_epochs(data, device):
-    """(seconds to the first batch of epoch 0, images and img/s of epoch 1). Epoch 0 is the warm-up: it starts the
-    worker processes (persistent afterwards) and fills the page cache; epoch 1 is timed from its first request to
-    its last batch."""
-    t = time.perf_counter()
-    batches = data.epoch(0)
-    next(batches)
-    first_batch_s = time.perf_counter() - t
-    for _ in batches:
-        pass
-    t = time.perf_counter()
-    n = sum(len(imgs) for imgs, _ in data.epoch(1))
-    synchronize(device)
-    return first_batch_s, n, n / (time.perf_counter() - t)
+def time_epochs(loaders, device, epochs=1):
+    """For each of `loaders` (objects with .epoch(e)): (seconds to the first batch of epoch 0, images of epochs
+    1..epochs, their img/s). Epoch 0 is the warm-up: it starts the worker processes (persistent afterwards) and
+    fills the page cache; each timed epoch runs from its first request to its last batch, and the img/s is the
+    median over the timed epochs. The loaders take turns epoch by epoch, so that pipelines compared side by side
+    share whatever else a shared machine runs meanwhile, and a burst of it moves one epoch, not the row."""
+    first_batch_s, counts, rates = [], [[] for _ in loaders], [[] for _ in loaders]
+    for data in loaders:
+        t = time.perf_counter()
+        batches = data.epoch(0)
+        next(batches)
+        first_batch_s.append(time.perf_counter() - t)
+        for _ in batches:
+            pass
+    for epoch in range(1, epochs + 1):
+        for k, data in enumerate(loaders):
+            t = time.perf_counter()
+            counts[k].append(sum(len(imgs) for imgs, _ in data.epoch(epoch)))
+            synchronize(device)
+            rates[k].append(counts[k][-1] / (time.perf_counter() - t))
+    return [(first, sum(n), statistics.median(r)) for first, n, r in zip(first_batch_s, counts, rates)]
+
+
+class FlatImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder over a folder without class subfolders: every image under it is class 0."""
+
+    def find_classes(self, directory):
+        return [""], {"": 0}  # the one class folder is the root itself (os.path.join(root, "") = root)
+
+
+class TorchvisionLoader:
+    """The reference pipeline: torchvision's ImageFolder with RandomResizedCrop + RandomHorizontalFlip + ToTensor +
+    Normalize, through a DataLoader with shuffling, as the official MAE's main_pretrain.py builds it (scale (0.2, 1),
+    bicubic: the law ResizedCropFlip follows). epoch(e) as LoaderData's, for time_epochs."""
+
+    def __init__(self, root, img_size, batch_size, workers, device):
+        crop = T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        transform = T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        classes = any(d.is_dir() for d in os.scandir(root))
+        self.dataset = (datasets.ImageFolder if classes else FlatImageFolder)(root, transform)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+        self.device = device
+
+    def epoch(self, epoch):
+        for imgs, labels in self.loader:
+            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class WorkerBatches:
+    """Our DataLoader's batches as its workers deliver them, uint8 [B, 3, S, S], for time_epochs: what a GPU
+    receives, which then normalises the batch in one operation of its own (LoaderData.epoch); on a CPU-only bench
+    that operation would run in the main process, beside the workers, and be timed as loading."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def epoch(self, epoch):
+        self.data.sampler.set_epoch(epoch)
+        return iter(self.data.loader)
 
 
 def bench_loader(args, device):
-    """The loader table's rows: the JPEG folder with 0, 1, 2 workers, then the 32 px set both ways."""
-    rows = []
+    """The loader table: the JPEG folder (--data-path, else generated) through our DataLoader path with 0, 1, 2
+    workers, and beside the 1- and 2-worker rows torchvision's reference pipeline on the same files; then the 32 px
+    set both ways. Returns rows (ours), torchvision_rows and speedup (ours / torchvision img/s, the mean of the
+    ratios at 1 and 2 workers: per worker, as both use the same number)."""
+    rows, reference = [], []
 
-    def measure(pipeline, path, workers, batch_size, data):
-        first_batch_s, n, img_s = time_epochs(data, device)
-        rows.append(dict(pipeline=pipeline, path=path, workers=workers, batch_size=batch_size, images=n,
-                         img_s=img_s, first_batch_s=first_batch_s))
-        print(f"  {pipeline}, {path}, {workers} workers: {img_s:.0f} img/s", flush=True)
+    def measure(pipeline, workers, batch_size, *runs):
+        """runs: (table, path, loader) each; the loaders are timed in turns, one row each into its table."""
+        timings = time_epochs([loader for _, _, loader in runs], device, args.loader_epochs)
+        for (table, path, _), (first_batch_s, n, img_s) in zip(runs, timings):
+            table.append(dict(pipeline=pipeline, path=path, workers=workers, batch_size=batch_size, images=n,
+                              img_s=img_s, first_batch_s=first_batch_s))
+            print(f"  {pipeline}, {path}, {workers} workers: {img_s:.0f} img/s", flush=True)
 
+    size = args.img_size
     with tempfile.TemporaryDirectory(prefix="bench-jpegs-") as tmp:
-        t = time.perf_counter()
-        write_jpegs(Path(tmp), args.loader_images)
-        print(f"wrote {args.loader_images} JPEGs (500x375, quality 90) to {tmp} in {time.perf_counter() - t:.1f}s")
+        if args.data_path:
+            root, pipeline = args.data_path, f"JPEG folder {args.data_path} -> {size}"
+        else:
+            t = time.perf_counter()
+            write_jpegs(Path(tmp), args.loader_images)
+            print(f"wrote {args.loader_images} JPEGs (500x375, quality 90) to {tmp} in {time.perf_counter() - t:.1f}s")
+            root, pipeline = tmp, f"JPEG folder 500x375 -> {size}"
         batch_size = args.batch_size or 32
+        train = os.path.join(root, "train")  # the split build_dataset reads when there is one
         for workers in (0, 1, 2):
-            ds = build_dataset("folder", "pretrain", data_path=tmp)
-            ds.transform = pretrain_transform(224, (0.2, 1.0))
-            measure("JPEG folder 500x375 -> 224", "DataLoader", workers, batch_size,
-                    LoaderData(ds, batch_size, 0, 0, 1, workers, device))
+            ds = build_dataset("folder", "pretrain", data_path=root)
+            ds.transform = ResizedCropFlip(size, (0.2, 1.0))
+            runs = [(rows, "DataLoader", WorkerBatches(LoaderData(ds, batch_size, 0, 0, 1, workers, device)))]
+            if workers:  # torchvision's with as many workers, in turns with ours
+                runs.append((reference, "torchvision ImageFolder", TorchvisionLoader(
+                    train if os.path.isdir(train) else root, size, batch_size, workers, device)))
+            measure(pipeline, workers, batch_size, *runs)
 
     # the small set in memory as uint8, as CIFAR is: the same images through both paths
     images, labels = build_dataset("synthetic", "pretrain", img_size=32, subset=args.small_images).as_uint8()
     batch_size = args.batch_size or 256
     for workers in (0, 1, 2):
         ds = ArrayDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), len(SYNTHETIC_CLASSES))
-        ds.transform = pretrain_transform(32, (0.2, 1.0))
-        measure("synthetic 32 px in memory", "DataLoader", workers, batch_size,
-                LoaderData(ds, batch_size, 0, 0, 1, workers, device))
-    measure("synthetic 32 px in memory", f"resident on {device}", 0, batch_size,
-            ResidentData(images, labels, batch_size, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, device))
-    return rows
+        ds.transform = ResizedCropFlip(32, (0.2, 1.0))
+        measure("synthetic 32 px in memory", workers, batch_size,
+                (rows, "DataLoader", LoaderData(ds, batch_size, 0, 0, 1, workers, device)))
+    measure("synthetic 32 px in memory", 0, batch_size, (rows, f"resident on {device}", ResidentData(
+        images, labels, batch_size, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, device)))
+    ours = {r["workers"]: r["img_s"] for r in rows[:3]}
+    speedup = statistics.mean(ours[r["workers"]] / r["img_s"] for r in reference)
+    return dict(rows=rows, torchvision_rows=reference, speedup=speedup)
 
 
-def loader_table(rows):
+def loader_table(rows, reference=()):
+    """Our rows, each torchvision row right after ours with the same pipeline and workers."""
     lines = ["| pipeline | path | workers | batch | images timed | img/s | first batch s (incl. worker start-up) |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['pipeline']} | {r['path']} | {r['workers']} | {r['batch_size']} | {r['images']} | "
-              f"{r['img_s']:.0f} | {r['first_batch_s']:.2f} |" for r in rows]
+    for r in rows:
+        beside = [t for t in reference if (t["pipeline"], t["workers"]) == (r["pipeline"], r["workers"])]
+        lines += [f"| {t['pipeline']} | {t['path']} | {t['workers']} | {t['batch_size']} | {t['images']} | "
+                  f"{t['img_s']:.0f} | {t['first_batch_s']:.2f} |" for t in [r, *beside]]
     return "\n".join(lines)
 
 
@@ -581,11 +820,11 @@ def main():
     result = {"hardware": hardware(device), "torch": torch.__version__, "command": command, "device": str(device)}
     header = [f"hardware: {result['hardware']}", f"torch {torch.__version__}", f"command: {command}"]
     if args.loader:
-        result["rows"] = bench_loader(args, device)
-        table = loader_table(result["rows"])
+        result.update(bench_loader(args, device))
+        table = loader_table(result["rows"], result["torchvision_rows"])
     elif args.memory:
-        result["rows"] = bench_memory(args)
-        table = memory_table(result["rows"])
+        result.update(bench_memory(args))
+        table = memory_table(result)
     else:
         result.update(bench_training(args, device))
         peaks = result["peak_tflops"]
@@ -603,6 +842,8 @@ def main():
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + "\n".join(header + [""]) + table)
     print(f"\n{seconds:.0f}s in all; wrote {path}")
+    if args.loader:  # the last line: ours / torchvision img/s per worker, the mean over 1 and 2 workers
+        print(f"speedup {result['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

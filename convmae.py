@@ -42,7 +42,8 @@ from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
                              set_lr)
-from common.vit import Block, DropPath, count_params, drop_path_rates, layer_norm, sincos_pos_embed_2d
+from common.vit import (Block, DropPath, count_params, drop_path_rates, layer_norm, run_block, set_grad_checkpointing,
+                        sincos_pos_embed_2d)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -170,6 +171,7 @@ class ConvStem(nn.Module):
         self.blocks2 = nn.ModuleList(ConvBlock(dims[1]) for _ in range(depths[1]))
         self.patch_embed3 = StageEmbed(dims[1], dims[2], 2)  # 28 -> 14
         self.patch_embed4 = nn.Linear(dims[2], dims[2])  # a linear layer on the stage-3 tokens (official name)
+        self.grad_checkpointing = False  # the conv blocks under activation checkpointing (set_grad_checkpointing)
 
     def forward(self, imgs, mask=None):
         """mask: [B, h, w] on the stage-3 grid, 1 = masked, or None (fine-tuning: everything visible)."""
@@ -185,11 +187,11 @@ class ConvStem(nn.Module):
         imgs = imgs.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed1(imgs)  # [B, 3, H, W] -> [B, C1, 4h, 4w]
         for block in self.blocks1:
-            x = block(x, visible1)
+            x = run_block(block, x, visible1, grad_checkpointing=self.grad_checkpointing)
         stage1 = x
         x = self.patch_embed2(x)  # -> [B, C2, 2h, 2w]
         for block in self.blocks2:
-            x = block(x, visible2)
+            x = run_block(block, x, visible2, grad_checkpointing=self.grad_checkpointing)
         stage2 = x
         x = self.patch_embed3(x)  # -> [B, D, h, w]
         x = self.patch_embed4(x.flatten(2).transpose(1, 2))  # [B, D, h, w] -> [B, N, D]
@@ -227,6 +229,7 @@ class ConvViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dims[2], heads) for _ in range(depths[2]))  # LN eps 1e-6, qkv bias
         self.norm = layer_norm(dims[2])
         self.set_drop_path(drop_path_rate)
+        self.grad_checkpointing = False  # the ViT blocks under activation checkpointing (set_grad_checkpointing)
 
     def conv_blocks(self):
         return [*self.patch_embed.blocks1, *self.patch_embed.blocks2]
@@ -243,7 +246,7 @@ class ConvViT(nn.Module):
         """ViT blocks on tokens 1: of [B, 1+N, D]; position 0 becomes their mean (before the final norm)."""
         x = x[:, 1:]
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, grad_checkpointing=self.grad_checkpointing)
         return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
 
     def forward_features(self, imgs):
@@ -290,6 +293,7 @@ class ConvMAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = layer_norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * 3)  # pixels of one p x p patch
+        self.grad_checkpointing = False  # the decoder blocks under activation checkpointing (set_grad_checkpointing)
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
 
@@ -304,7 +308,7 @@ class ConvMAE(nn.Module):
         s2 = self.stage2_output_decode(stage2).flatten(2).transpose(1, 2)  # [B, C2, 2h, 2w] -> [B, N, D]
         x, s1, s2 = (gather_tokens(t, ids_keep) for t in (x, s1, s2))  # [B, N_vis, D] each, the same tokens
         for block in enc.blocks:
-            x = block(x)
+            x = run_block(block, x, grad_checkpointing=enc.grad_checkpointing)
         x = enc.norm(x + s1 + s2)  # fusion *before* the final norm, as the official
         return x, mask, ids_restore
 
@@ -317,7 +321,7 @@ class ConvMAE(nn.Module):
         x = torch.cat([x, mask_tokens], dim=1)  # [B, N, D_dec] in shuffled order
         x = gather_tokens(x, ids_restore) + self.decoder_pos_embed  # [B, N, D_dec] in patch order
         for block in self.decoder_blocks:
-            x = block(x)
+            x = run_block(block, x, grad_checkpointing=self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))  # [B, N, p*p*3]
 
     def forward_loss(self, imgs, pred, mask):
@@ -373,8 +377,9 @@ class ConvMAE(nn.Module):
 
 
 def build_model(cfg):
-    return ConvMAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                   cfg.norm_pix_loss)
+    model = ConvMAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                    cfg.norm_pix_loss)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def training_loss(model, imgs, cfg, generator):
@@ -450,7 +455,8 @@ def main():
             run.start_epoch(epoch, start_step, data.steps_per_epoch)
             for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, cosine_lr(it / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, cosine_lr(first / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
                                                  cfg.epochs))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)

@@ -47,7 +47,7 @@ from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_eval_
 from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid, shard
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
                              progress, scaled_lr, set_grad_sync, set_lr)
-from common.vit import VIT_SIZES, count_params
+from common.vit import VIT_SIZES, count_params, run_block, set_grad_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -56,9 +56,9 @@ from common.vit import VIT_SIZES, count_params
 def to_unit_range(imgs, res):
     """ImageNet-normalised images [B, 3, H, W] -> RGB in [-1, 1] at the model resolution [B, 3, res, res].
     Resized with antialiased bilinear (as PIL's resize in the Hugging Face image processor); paper: "downsample"."""
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    x = imgs.float() * std + mean  # [0, 1]
+    # [0, 1], channel by channel with the constants as Python numbers (no constant tensor copied to the device)
+    x = torch.cat([imgs[:, c:c + 1].float() * s + m for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))],
+                  dim=1)  # [B, 3, H, W]
     if x.shape[-2:] != (res, res):
         x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     return (x * 2 - 1).clamp(-1, 1)  # official: RGB / 127.5 - 1
@@ -279,6 +279,7 @@ class ImageGPT(nn.Module):
         self.ln_f = rms_norm(dim)
         self.wtet = nn.Linear(dim, vocab_size, bias=False)  # output matrix, untied from wte
         self.wclf = None  # Linear(D, classes, bias=False), added for fine-tuning (official `clf/wclf`)
+        self.grad_checkpointing = False  # the blocks under activation checkpointing (set_grad_checkpointing)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -333,7 +334,8 @@ class ImageGPT(nn.Module):
         if hidden is not None:
             hidden.append(h)
         for i, block in enumerate(self.h):
-            h = block(h, causal, None if cache is None else cache[i], start)
+            h = run_block(block, h, causal, None if cache is None else cache[i], start,
+                          grad_checkpointing=self.grad_checkpointing)
             if hidden is not None:
                 hidden.append(h)
         return h
@@ -371,7 +373,8 @@ def param_count_formula(dim, depth, vocab_size, n_ctx, objective="ar"):
 
 
 def build_model(cfg, vocab_size=None):
-    return ImageGPT(cfg.res, cfg.model, vocab_size or cfg.palette_size, cfg.objective, cfg.bert_mask_prob)
+    model = ImageGPT(cfg.res, cfg.model, vocab_size or cfg.palette_size, cfg.objective, cfg.bert_mask_prob)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def training_loss(model, imgs, cfg, generator):
@@ -485,7 +488,8 @@ def main():
             run.start_epoch(epoch, start_step, data.steps_per_epoch)
             for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, cosine_lr(it / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, cosine_lr(first / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
                                                  cfg.epochs))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)
@@ -541,7 +545,9 @@ PRESETS = {
                   crop_max=1.0),
     # STL-10 (96 px): downsampled to 32 x 32 tokens, as the paper's STL-10 probe.
     "medium": dict(n_px=32, model="igpt_mini", palette_size=512, epochs=100, batch_size=64),
-    "imagenet": {},
+    # The paper's recipe (the Config defaults), with activation checkpointing: 128 sequences of 1,024 tokens through
+    # 24 layers do not fit an 80 GB GPU with every activation kept (bench.py --memory; docs/PERFORMANCE.md).
+    "imagenet": dict(grad_checkpointing=True),
 }
 
 
@@ -679,6 +685,7 @@ def finetune_joint(model, run, epochs):
         return None
     lr = cfg.finetune_lr or cfg.lr
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)  # fp16: scaled backward
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     g = torch.Generator(device=run.device).manual_seed(cfg.seed)
 
@@ -700,8 +707,9 @@ def finetune_joint(model, run, epochs):
             imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)
             with run.autocast():
                 gen, clf, _ = joint(train_model, imgs, y)
-            (gen + clf).backward()
-            opt.step()
+            scaler.scale(gen + clf).backward()
+            scaler.step(opt)  # (skipped on inf/NaN gradients under fp16)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
         run.log(f"fine-tune epoch {epoch}: L_gen {gen.item():.4f}, L_clf {clf.item():.4f}")
     model.eval()

@@ -29,7 +29,8 @@ from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
                              set_lr)
-from common.vit import Block, VisionTransformer, count_params, layer_norm, sincos_pos_embed_2d, vit_kwargs
+from common.vit import (Block, VisionTransformer, count_params, layer_norm, run_block, set_grad_checkpointing,
+                        sincos_pos_embed_2d, vit_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -76,6 +77,7 @@ class MAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = layer_norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * 3)  # pixels of one patch
+        self.grad_checkpointing = False  # the decoder blocks under activation checkpointing (set_grad_checkpointing)
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
 
@@ -98,7 +100,7 @@ class MAE(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # [B, N, D_dec] in patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1+N, D_dec]; cls joins the decoder
         for block in self.decoder_blocks:
-            x = block(x)
+            x = run_block(block, x, grad_checkpointing=self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, N, p*p*3]
 
     def forward_loss(self, imgs, pred, mask):
@@ -154,8 +156,9 @@ class MAE(nn.Module):
 
 
 def build_model(cfg):
-    return MAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-               cfg.norm_pix_loss)
+    model = MAE(cfg.img_size, cfg.patch_size, cfg.model, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                cfg.norm_pix_loss)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def training_loss(model, imgs, cfg, generator):
@@ -216,7 +219,8 @@ def main():
             run.start_epoch(epoch, start_step, data.steps_per_epoch)
             for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, cosine_lr(it / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, cosine_lr(first / data.steps_per_epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
                                                  cfg.epochs))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)

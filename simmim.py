@@ -34,7 +34,8 @@ from common.data import build_train_data, preview_images
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
                              set_lr)
-from common.vit import VisionTransformer, count_params, init_beit_style, trunc_normal_sigma, vit_kwargs
+from common.vit import (VisionTransformer, count_params, init_beit_style, set_grad_checkpointing, trunc_normal_sigma,
+                        vit_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -132,7 +133,8 @@ class SimMIM(nn.Module):
 
 
 def build_model(cfg):
-    return SimMIM(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.layer_scale)
+    model = SimMIM(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.layer_scale)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)
 
 
 def training_loss(model, imgs, cfg, generator):
@@ -238,7 +240,8 @@ def main():
             run.start_epoch(epoch, start_step, data.steps_per_epoch)
             for step, (imgs, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                lr = set_lr(optimizer, simmim_lr(it / data.steps_per_epoch, cfg))
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                lr = set_lr(optimizer, simmim_lr(first / data.steps_per_epoch, cfg))
                 update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)
                 with run.autocast():

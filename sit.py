@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import ImageFilter
@@ -54,7 +55,7 @@ from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_ji
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
                              set_lr)
-from common.vit import VisionTransformer, count_params, vit_kwargs
+from common.vit import VisionTransformer, count_params, set_grad_checkpointing, vit_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -62,40 +63,55 @@ from common.vit import VisionTransformer, count_params, vit_kwargs
 # ---------------------------------------------------------------------------------------------------------------- #
 DROP_TYPES = ("zeros", "noise")
 MAX_BLOCK = 0.3  # official max_block_sz: a block side is below int(0.3 x the image side)
-ROUNDS_PER_CHECK = 4  # block rounds between the host syncs that ask whether every image has reached its target
+MAX_ROUNDS = 126  # blocks drawn per image; the official loop needs ~40 (at most ~75) to reach a 50 % target
+BLOCKS_PER_WORD = 63  # blocks per int64 bit set in sample_blocks (the sign bit unused)
 
 
 def sample_blocks(targets, height, width, align, generator, device):
-    """The block loop of the official `GMML_drop_rand_patches`, for n images at once.
+    """The block loop of the official `GMML_drop_rand_patches`, for n images at once and without a host sync.
 
     Each image adds random rectangles *while* its covered area (the union, so the last block overshoots) is below its
     target in pixels: top-left r = (randint(0, H - a) // a) * a, height h = round(min(randint(a, int(0.3 H)), H - r)
     / a) * a (numpy randint's upper bound is exclusive; rounded half to even, as Python's round), the same for the
     columns, a = `align` (1 = pixel blocks: sides 1 .. int(0.3 H) - 1). A block that the rounding pushes past the
-    border is cut there, as the official slicing does. All images draw a block every round; those already at their
-    target ignore theirs. targets: [n] pixels. Returns the mask [n, H, W], True = corrupted.
+    border is cut there, as the official slicing does. targets: [n] pixels. Returns the mask [n, H, W], True =
+    corrupted.
+    official: a `while` loop per image; we: MAX_ROUNDS blocks per image drawn at once, each pixel's first covering
+    block found, and each image keeps its blocks up to the first whose union reaches the target: the same law, with
+    no loop whose length the host must read. An image still short of its target after MAX_ROUNDS blocks keeps them all
+    (docs/FIDELITY.md: never seen).
     """
-    n, a = targets.shape[0], max(1, align)
+    n, a, R = targets.shape[0], max(1, align), MAX_ROUNDS
     max_h, max_w = int(height * MAX_BLOCK), int(width * MAX_BLOCK)  # official int(H * max_block_sz): 67 at 224 px
-    rows = torch.arange(height, device=device).view(1, height, 1)
-    cols = torch.arange(width, device=device).view(1, 1, width)
-    mask = torch.zeros(n, height, width, dtype=torch.bool, device=device)
-    active = torch.ones(n, dtype=torch.bool, device=device)  # still below target (the official `while` condition)
-    rounds = 0
-    while rounds % ROUNDS_PER_CHECK or active.any():
-        def randint(low, high):
-            return torch.randint(low, high, (n,), device=device, generator=generator)
 
-        top = randint(0, height - a) // a * a  # [n]
-        left = randint(0, width - a) // a * a
-        h = (torch.minimum(randint(a, max_h), height - top) / a).round().long() * a  # [n]
-        w = (torch.minimum(randint(a, max_w), width - left) / a).round().long() * a
-        block = ((rows >= top.view(n, 1, 1)) & (rows < (top + h).view(n, 1, 1))
-                 & (cols >= left.view(n, 1, 1)) & (cols < (left + w).view(n, 1, 1)))  # [n, H, W]
-        mask |= block & active.view(n, 1, 1)
-        active = mask.sum(dim=(1, 2)) < targets
-        rounds += 1
-    return mask
+    def randint(low, high):
+        return torch.randint(low, high, (n, R, 1), device=device, generator=generator)
+
+    top = randint(0, height - a) // a * a  # [n, R, 1]
+    left = randint(0, width - a) // a * a
+    h = (torch.minimum(randint(a, max_h), height - top) / a).round().long() * a  # [n, R, 1]
+    w = (torch.minimum(randint(a, max_w), width - left) / a).round().long() * a
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = (rows >= top) & (rows < top + h)  # [n, R, H]: the rows block r spans
+    in_cols = (cols >= left) & (cols < left + w)  # [n, R, W]
+    # first[i, y, x] = the first block covering pixel (y, x) of image i (R: none). Blocks go in words of 63 as bit
+    # sets, bit r = block r: a row's word ANDed with a column's holds the blocks covering that pixel, and its lowest
+    # set bit is the first of them (one AND per pixel per 63 blocks instead of one test per block)
+    bits = 2 ** torch.arange(BLOCKS_PER_WORD, device=device)  # [63] int64
+    first = torch.full((n, height, width), R, dtype=torch.long, device=device)
+    for r0 in range(0, R, BLOCKS_PER_WORD):
+        row_word = (in_rows[:, r0:r0 + BLOCKS_PER_WORD].long() * bits.view(1, -1, 1)).sum(dim=1)  # [n, H]
+        col_word = (in_cols[:, r0:r0 + BLOCKS_PER_WORD].long() * bits.view(1, -1, 1)).sum(dim=1)  # [n, W]
+        word = row_word.unsqueeze(2) & col_word.unsqueeze(1)  # [n, H, W]
+        lowest = (word & -word).double().log2().round().long()  # index of the lowest set bit (word > 0)
+        first = torch.where((word != 0) & (first == R), r0 + lowest, first)
+    # covered[i, r] = pixels covered by blocks 0..r; the loop adds block r + 1 while covered[i, r] < target
+    per_round = torch.zeros(n, R + 1, device=device).scatter_add_(
+        1, first.flatten(1), torch.ones(n, height * width, device=device))  # [n, R + 1]: pixels first covered at r
+    covered = per_round[:, :R].cumsum(dim=1)  # [n, R]
+    blocks = 1 + (covered < targets.view(n, 1)).sum(dim=1)  # [n]: blocks the official loop adds
+    return first < blocks.view(n, 1, 1)
 
 
 def gmml_corrupt(x, cfg, generator):
@@ -139,15 +155,11 @@ class AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))  # (functional: traceable, one graph)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return funcol.wait_tensor(funcol.all_reduce(grad, "sum", dist.group.WORLD))
 
 
 def distributed():
@@ -174,13 +186,11 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         y = (x - mean) * torch.rsqrt(var + self.eps)  # [N, C]
         return y * self.weight + self.bias if self.affine else y
 
-    @torch.compiler.disable  # collectives inside an autograd.Function: run eagerly under torch.compile
     def global_stats(self, x):
         """Mean and biased variance [C] over the global batch, in two passes (the sum, then the sum of squared
         deviations), and the global batch size."""
-        count = torch.tensor([float(x.shape[0])], device=x.device)
-        dist.all_reduce(count)
-        n = count.item()  # a host sync, as nn.SyncBatchNorm's; the batches are equal on all ranks anyway
+        n = x.shape[0] * dist.get_world_size()  # official nn.SyncBatchNorm all-reduces the counts (a host sync);
+        # every rank's batch has the same size here (drop_last), so the count is known without asking
         mean = AllReduceSum.apply(x.sum(dim=0)) / n  # [C]
         var = AllReduceSum.apply((x - mean).square().sum(dim=0)) / n  # [C]
         return mean, var, n
@@ -278,8 +288,9 @@ class SiT(nn.Module):
 
 
 def build_model(cfg):
-    return SiT(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.out_dim, cfg.head_hidden_dim, cfg.lmbda,
-               cfg.temperature)
+    model = SiT(cfg.img_size, cfg.patch_size, cfg.model, cfg.drop_path, cfg.out_dim, cfg.head_hidden_dim, cfg.lmbda,
+                cfg.temperature)
+    return set_grad_checkpointing(model, cfg.grad_checkpointing)  # a no-op for the teacher: it runs without gradients
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -292,15 +303,13 @@ def reconstruction_loss(recon, target, mask):
     return (l1 * mask).sum() / (mask.sum() * target.shape[1]).clamp(min=1)
 
 
-@torch.compiler.disable  # a collective: run eagerly under torch.compile
 @torch.no_grad()
 def gather_across_ranks(x):
-    """The teacher embeddings of every process, in rank order (official `concat_all_gather`): [N, C] -> [N world, C]."""
+    """The teacher embeddings of every process, in rank order (official `concat_all_gather`): [N, C] -> [N world, C].
+    A functional collective: torch.compile traces it into the step's graph."""
     if not distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
 def info_nce(q, k, temperature):
@@ -441,6 +450,7 @@ class BatchedViews:
 
     def __call__(self, images, generator):
         """uint8 [B, 3, H, W] on the device -> (view 1, view 2), each normalised [B, 3, img, img]."""
+        self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)  # copied once, then found there
         x = images.float() / 255
         return self.view(x, generator, blur_p=1.0, solarize_p=0.0), self.view(x, generator, blur_p=0.1, solarize_p=0.2)
 
@@ -461,7 +471,7 @@ class BatchedViews:
         x = torch.where(blur, gaussian_blur(x, uniform(*self.radius), self.kernel_size), x)
         solarize = (uniform(0, 1) < solarize_p).view(B, 1, 1, 1)
         x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL: pixels >= 128 become 255 - pixel
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        return (x - self.mean) / self.std
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -553,7 +563,8 @@ def main():
             parts = torch.zeros(2, device=run.device)  # this epoch's contrastive and reconstruction losses
             for step, (views, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                progress = it / data.steps_per_epoch  # in epochs: lr, weight decay and momentum follow it
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its lr is set there, as officially
+                progress = first / data.steps_per_epoch  # in epochs: lr, weight decay and momentum follow it
                 lr = set_lr(optimizer, cosine_lr(progress, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs))
                 # official: the weight decay of the decayed group (param_groups' first) follows a cosine from
                 # --weight-decay to --weight-decay-end over all iterations, without warm-up

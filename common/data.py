@@ -6,7 +6,8 @@ drawn from (seed, e, i) on the PIL path, and from (seed, e, step, rank) on the r
 worker processes or on how far an earlier process got, so a run resumed at (epoch, step) sees the same batches.
 
 Two training pipelines, same augmentation distribution:
-  * PIL: a DataLoader with worker processes decodes and augments one image at a time (ImageNet, folders).
+  * PIL: a DataLoader with worker processes decodes (no more pixels than the crop needs), crops and resizes one
+    image at a time to uint8; normalised on the training device (ImageNet, folders).
   * resident: the whole split as one uint8 tensor on the training device; crop + resize + flip + normalise are
     done for the whole batch at once with `grid_sample` (synthetic, CIFAR, STL-10, MNIST, Fashion-MNIST).
 """
@@ -53,6 +54,17 @@ DATASETS = {
     "mnist": DatasetInfo(28, "small", True),
     "fashion-mnist": DatasetInfo(28, "small", True),
 }
+
+
+def default_workers():
+    """DataLoader workers per process when --workers is not given: the cores this process may run on (its CPU
+    affinity, which a container or taskset narrows; os.cpu_count() counts the whole machine) shared among the
+    processes torchrun starts on this node (LOCAL_WORLD_SIZE), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this OS (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def ignore_stop_signals(worker_id=None):
@@ -180,10 +192,13 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path):
-    """Decode an image file to RGB; an unreadable file is a UserError that names it."""
+def load_image(path, transform=None):
+    """Decode an image file to RGB -- or, with a `transform` that decodes by itself (ResizedCropFlip: no more
+    pixels than its crop needs), to that transform's output; an unreadable file is a UserError that names it."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # the header only: size and mode are known, nothing is decoded yet
+            if transform is not None:
+                return transform(img)
             img.load()
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -200,14 +215,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, None)
+        if self.transform is None or epoch is None:
+            return self.load_transformed(i)
+        # torchvision's random transforms (and ResizedCropFlip) draw from the global CPU generator: seed it per image
+        with seeded_rng(mix_seed(self.seed, epoch, i)):
+            return self.load_transformed(i)
+
+    def load_transformed(self, i):
+        """(image i through the transform, or as loaded when there is none, label)."""
         img, label = self.load(i)
-        if self.transform is not None:
-            if epoch is None:
-                img = self.transform(img)
-            else:  # torchvision's random transforms draw from the global CPU generator: seed it per image
-                with seeded_rng(mix_seed(self.seed, epoch, i)):
-                    img = self.transform(img)
-        return img, label
+        return (img if self.transform is None else self.transform(img)), label
 
 
 class SyntheticDataset(ImageDataset):
@@ -269,6 +286,11 @@ class FileDataset(ImageDataset):
 
     def load(self, i):
         return load_image(self.files[i]), self.labels[i]
+
+    def load_transformed(self, i):
+        if isinstance(self.transform, ResizedCropFlip):  # it decodes the file itself, at reduced size where it can
+            return load_image(self.files[i], self.transform), self.labels[i]
+        return super().load_transformed(i)
 
 
 def _images_under(root):
@@ -473,6 +495,54 @@ def pretrain_transform(img_size, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpol
     ])
 
 
+DCT_SCALES = (8, 4, 2, 1)  # the 1/s reductions libjpeg decodes directly (PIL's Image.draft)
+
+
+def draft_scale(crop_h, crop_w, out_size):
+    """The largest DCT reduction s at which the crop keeps at least out_size pixels on its shorter side: decoding at
+    1/s then never leaves the resize fewer pixels than the output has, and never 2x more per side than it needs
+    (unless s is already at libjpeg's largest, 8)."""
+    return next(s for s in DCT_SCALES if min(crop_h, crop_w) >= s * out_size or s == 1)
+
+
+class ResizedCropFlip:
+    """pretrain_transform's augmentation -- RandomResizedCrop(scale, ratio) + horizontal flip (p = 0.5) -- without
+    its ToTensor + Normalize: returns uint8 [3, S, S], normalised on the device after the transfer (LoaderData; 4x
+    fewer bytes to collate, pin and copy). The same draws from the global RNG as pretrain_transform: torchvision's
+    get_params on the image's full size (known from a file's header before decoding), then the flip's torch.rand(1).
+    Given an opened, not yet decoded JPEG file (load_image(path, transform)), it decodes at 1/s of the size by
+    libjpeg's DCT scaling (Image.draft), s from draft_scale, so that a 224-px crop of a large photo is not decoded at
+    full size; any other image (PNG, one already decoded) is used as it is. It crops before it resizes.
+    official: PIL's crop + resize of the full decode; we: torch's antialiased resize of uint8 (PIL's filters, within
+    2 levels of PIL's output, and faster), after a 1/s DCT-domain reduction where s > 1, with the crop box rounded
+    to whole pixels of that reduced decode (a shift of under half an output pixel)."""
+
+    def __init__(self, img_size, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
+        self.size, self.scale, self.ratio, self.mode = img_size, crop_scale, crop_ratio, interpolation
+
+    def __call__(self, img):
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # in full-size pixels
+        x = self.crop(img, top, left, h, w).unsqueeze(0)  # [1, 3, h', w'], channels-last strides
+        x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True)[0]  # [3, S, S]
+        return x.flip(-1) if torch.rand(1) < 0.5 else x
+
+    def crop(self, img, top, left, h, w):
+        """The crop box of img as uint8 [3, h', w']: h x w, or about h/s x w/s where the JPEG is decoded at 1/s."""
+        s = draft_scale(h, w, self.size)
+        full_width = img.width
+        drafted = img.draft("RGB", (img.width // s, img.height // s)) if s > 1 else None  # None: no DCT scaling
+        s = full_width / drafted[1][2] if drafted else 1  # the reduction libjpeg will decode at: full size / its box
+        img.load()
+        box = [round(v / s) for v in (left, top, left + w, top + h)]  # the crop in pixels of the (reduced) decode
+        return torch.from_numpy(np.array(to_rgb(img).crop(box))).permute(2, 0, 1)  # [h', w', 3] -> [3, h', w']
+
+
+def normalize_uint8(images, mean, std):
+    """uint8 [B, 3, H, W] in 0..255 -> float, (x - mean) / std with mean and std [1, 3, 1, 1] scaled to 0..255: what
+    ToTensor + Normalize do, done for the batch on the device (in place on the one float copy)."""
+    return images.float().sub_(mean).div_(std)
+
+
 class EvalResize:
     """Resize(img_size / 0.875) + CenterCrop(img_size) for an image larger than the input (the ImageNet protocol);
     an image no larger than the input (CIFAR, MNIST, a folder of 32-px images) is only resized to it, decided per
@@ -585,8 +655,8 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (PIL's "
 
 
 def grayscale(x):
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)  # [B, 1, H, W]
+    r, g, b = GRAY_WEIGHTS  # (Python numbers: no constant tensor copied to the device per batch)
+    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]  # [B, 1, H, W]
 
 
 def blend(x, y, factor):
@@ -616,7 +686,7 @@ def adjust_hue(x, shift):
     hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)  # [B, H, W] in [0, 1)
     sat = chroma / torch.where(value > 0, value, torch.ones_like(value))
     # HSV -> RGB: channel n in (R, G, B) = (5, 3, 1): v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # (built on the device)
     k = torch.remainder(n + 6 * hue.unsqueeze(1), 6)  # [B, 3, H, W]
     return value.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -631,8 +701,7 @@ def color_jitter(x, generator, p=1.0, brightness=0.0, contrast=0.0, saturation=0
     u = torch.rand(B, 5, device=dev, generator=generator)  # [B, 5]: apply?, then one draw per op
     apply = u[:, 0] < p
     strengths = (brightness, contrast, saturation, hue)
-    factors = (2 * u[:, 1:] - 1) * torch.tensor(strengths, device=dev)  # [B, 4] in [-strength, strength)
-    factors = factors + torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)  # hue is a shift around 0
+    centres = (1.0, 1.0, 1.0, 0.0)  # hue is a shift around 0
     order = torch.rand(B, 4, device=dev, generator=generator).argsort(dim=1)  # [B, 4]: a random permutation
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for position in range(4):
@@ -640,8 +709,8 @@ def color_jitter(x, generator, p=1.0, brightness=0.0, contrast=0.0, saturation=0
             if strengths[k] == 0:
                 continue
             chosen = (apply & (order[:, position] == k)).view(B, 1, 1, 1)
-            factor = factors[:, k] if op is adjust_hue else factors[:, k].view(B, 1, 1, 1)
-            x = torch.where(chosen, op(x, factor), x)
+            factor = centres[k] + (2 * u[:, 1 + k] - 1) * strengths[k]  # [B] in centre -/+ strength
+            x = torch.where(chosen, op(x, factor if op is adjust_hue else factor.view(B, 1, 1, 1)), x)
     return x
 
 
@@ -698,7 +767,8 @@ class ResidentData:
 
 
 class LoaderData:
-    """The DataLoader path: worker processes decode and augment with `pretrain_transform`."""
+    """The DataLoader path: worker processes decode and augment (ResizedCropFlip, or a method's own transform). A
+    batch of uint8 images is normalised here, on the device, after the transfer."""
 
     def __init__(self, dataset, batch_size, seed, rank, world, workers, device):
         dataset.seed = seed
@@ -709,11 +779,16 @@ class LoaderData:
                                  worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
         self.device = device
         self.steps_per_epoch = len(dataset) // world // batch_size
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     def epoch(self, epoch, start_step=0):
         self.sampler.set_epoch(epoch, start_step)
         for imgs, labels in self.loader:
-            yield to_device(imgs, self.device), labels.to(self.device, non_blocking=True)
+            imgs = to_device(imgs, self.device)
+            if isinstance(imgs, torch.Tensor) and imgs.dtype == torch.uint8:
+                imgs = normalize_uint8(imgs, self.mean, self.std)
+            yield imgs, labels.to(self.device, non_blocking=True)
 
 
 def to_device(x, device):
@@ -746,7 +821,8 @@ def resident_fits(num_bytes, device):
 def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", log=print,
                      transform=None, augment=None):
     """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader.
-    Each yields (images, labels), images [B, 3, H, W] from `pretrain_transform(crop_scale, ...)` by default.
+    Each yields (images, labels), images [B, 3, H, W] with the law of `pretrain_transform(crop_scale, ...)` by
+    default (the DataLoader path: ResizedCropFlip, normalised on the device).
     A method with its own views passes both paths of them: `transform` (PIL image -> tensor, or a tuple of views)
     for the DataLoader and `augment` ((uint8 [B, 3, H, W] on the device, generator) -> the same views, batched) for
     the resident path; the batches then carry that tuple. With `transform` alone the DataLoader path is used."""
@@ -764,7 +840,7 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
                 f"augmented in batches")
             return ResidentData(images, labels, cfg.batch_size, cfg.img_size, crop_scale, crop_ratio, interpolation,
                                 cfg.seed, dist.rank, dist.world_size, dist.device, augment)
-    ds.transform = transform or pretrain_transform(cfg.img_size, crop_scale, crop_ratio, interpolation)
+    ds.transform = transform or ResizedCropFlip(cfg.img_size, crop_scale, crop_ratio, interpolation)
     cfg.resident = False  # (config.json says which path the run took)
     log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers")
     return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import UserError
-from .data import DATASETS, available_host_memory, class_list, mix_seed
+from .data import DATASETS, available_host_memory, class_list, default_workers, mix_seed
 from .vit import VIT_SIZES
 
 
@@ -65,7 +65,8 @@ class TrainConfig:
     clip_grad: typing.Optional[float] = None  # clip the global gradient norm to this (none by default)
     amp: str = "auto"  # precision: bf16, fp16, fp32, auto (bf16 where fast, else fp16 on CUDA, fp32 on CPU)
     compile: typing.Optional[bool] = None  # torch.compile the model (default: on for CUDA, off for CPU)
-    workers: int = 8  # DataLoader worker processes; unless given, at most one per core (the resident path uses none)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    workers: int = default_workers()  # DataLoader worker processes: this process's share of its cores by default
     resident: bool = True  # hold small datasets on the device and augment in batches (--no-resident: DataLoader)
     seed: int = 0  # seed of init, data order, augmentation and masks
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
@@ -240,8 +241,6 @@ def parse_config(cls, presets, argv=None, description=None):
     native = DATASETS[data].native_size
     if native and "img_size" not in given and "img_size" not in preset:
         preset["img_size"] = native  # CIFAR trains at 32 px and MNIST at 28 unless the preset or the user says
-    if "workers" not in given and "workers" not in preset:
-        preset["workers"] = min(cls.workers, os.cpu_count() or 1)  # no more loader processes than cores
     cfg = cls(**{**preset, **given})
     if cfg.model in VIT_SIZES and not cfg.patch_size:
         cfg.patch_size = VIT_SIZES[cfg.model][3]
@@ -296,7 +295,9 @@ def cpu_has_fast_bf16():
 
 
 def resolve_amp(amp, device):
-    """--amp -> torch dtype for autocast (None = fp32)."""
+    """--amp -> torch dtype for autocast (None = fp32); fp16 only on CUDA."""
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; use bf16 or fp32 on the CPU")
     if amp == "auto":
         if device.type == "cuda":  # native bf16 only (Ampere and newer): V100/T4 emulate it slowly, fp16 is fast there
             amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
@@ -370,15 +371,20 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(device, world, local_rank):
+    """--device -> torch.device. Under torchrun (world > 1) every process takes the GPU of its local rank, whatever
+    index --device names: `--device cuda:0` on 8 processes would otherwise put all of them on GPU 0."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 def setup_distributed(device=""):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU). A no-op for a
     plain `python script.py`."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if not device:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local}"
-    device = torch.device(device)
+    device = resolve_device(device, world, local)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda, but no CUDA device is available")
@@ -540,8 +546,6 @@ class Run:
         self.dist = setup_distributed(cfg.device)
         self.device, self.is_main = self.dist.device, self.dist.is_main
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        if self.amp_dtype == torch.float16 and self.device.type != "cuda":
-            raise UserError("--amp fp16 needs CUDA; use bf16 or fp32 on the CPU")
         if cfg.compile is None:
             cfg.compile = self.device.type == "cuda"
         use_fast_cuda_math(self.device)
@@ -855,10 +859,11 @@ def cli(main):
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-    if code is not None:
         # DataLoader workers ignore SIGTERM (ignore_stop_signals), the signal with which the interpreter's exit stops
-        # the ones a failed step left running, and then waits for them forever: end them first.
+        # the ones a failed step left running, and then waits for them forever: end them first, however the run
+        # ended (an error here, or a collective that failed because another process ended on one)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (DataLoader's handler would report each end as a crash)
         for worker in multiprocessing.active_children():
             worker.kill()
+    if code is not None:
         sys.exit(code)

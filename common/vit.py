@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # name -> (width D, depth, heads, default patch size). The paper sizes ("vit_huge" uses patch 14 as in MAE), plus
 # two that are not paper models: "vit_micro" (ViT-Tiny's width at half its depth) for the CPU demo, and "vit_nano"
@@ -240,6 +241,25 @@ class Block(nn.Module):
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 
+def run_block(block, *args, grad_checkpointing=False):
+    """block(*args). With grad_checkpointing, while the block trains with gradients: under activation checkpointing,
+    which keeps only the block's inputs for backward and runs its forward again there (with the RNG state of the
+    first run, so drop path drops the same samples): the same loss and gradients for a third more compute, and the
+    activations of one block alive at a time instead of all of them."""
+    if grad_checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_grad_checkpointing(model, enabled):
+    """Turn activation checkpointing on or off in every module of `model` that runs a stack of blocks (those with a
+    `grad_checkpointing` attribute: encoders, decoders, extra heads); returns `model`."""
+    for module in model.modules():
+        if hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = enabled
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                     encoder                                                       #
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -275,6 +295,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qv_bias, init_values, rates[i], causal)
             for i in range(depth))
         self.norm = layer_norm(embed_dim)
+        self.grad_checkpointing = False  # run_blocks under activation checkpointing (set_grad_checkpointing)
 
     def embed(self, imgs):
         """[B, C, H, W] -> patch tokens with absolute position added, [B, N, D] (no cls yet)."""
@@ -294,7 +315,7 @@ class VisionTransformer(nn.Module):
         have been dropped (which no method with a relative bias does)."""
         attn_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # [H, 1+N, 1+N]
         for block in self.blocks:
-            x = block(x, attn_bias)
+            x = run_block(block, x, attn_bias, grad_checkpointing=self.grad_checkpointing)
         return x
 
     def forward_features(self, imgs):

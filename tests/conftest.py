@@ -72,3 +72,20 @@ def assert_loss_ignores_visible_targets(model, imgs, view, mask, slots, ids, los
         assert model(imgs, view, mask, slots)[0].item() == pytest.approx(loss.item(), rel=1e-6)
         other[changed] = (other[changed] + 1) % model.tokenizer.vocab_size
         assert model(imgs, view, mask, slots)[0].item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def assert_same_law(a, b, z=3.7):
+    """Two samples' counts over the same bins (1-D tensors or arrays; bins empty in both are dropped) agree by the
+    two-sample chi-square test for equal sample sizes, sum (a - b)^2 / (a + b), at the level of a normal z
+    (3.7: one false alarm in ~10,000 runs); the threshold is the Wilson-Hilferty approximation of the chi-square
+    quantile with bins - 1 degrees of freedom."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.sum() == b.sum(), (a.sum(), b.sum())
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    stat = ((a - b) ** 2 / (a + b)).sum().item()
+    df = len(a) - 1
+    if df == 0:  # one bin: both samples all in it
+        return
+    limit = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    assert stat < limit, f"chi-square {stat:.1f} >= {limit:.1f} ({df} degrees of freedom)\n{a.tolist()}\n{b.tolist()}"

@@ -17,8 +17,8 @@ import beit
 from common.evaluation import codebook_usage_bars
 from common.training import parse_config
 from common.vit import count_params
-from conftest import (ROOT, TINY, assert_encoder_matches_timm_beit, assert_loss_ignores_visible_targets, read_log,
-                      run_script)
+from conftest import (ROOT, TINY, assert_encoder_matches_timm_beit, assert_loss_ignores_visible_targets,
+                      assert_same_law, read_log, run_script)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # TINY plus a 2x tokenizer (16 px view -> 4 x 4 tokens = the patch grid) small enough for seconds
@@ -116,6 +116,34 @@ def test_mask_generator_hand_check_on_a_small_grid():
     assert torch.equal(batch, gen(3, random.Random(7))) and not torch.equal(batch[0], batch[1])
 
 
+def mask_statistics(masks, grid):
+    """Histograms of per-image statistics (independent draws) that describe a blockwise law, from [n, grid * grid]
+    bool masks: the masked count (64 or fewer, 65, ..., 75), the masked patches in the central half of the grid
+    (where blocks overlap most; bins of 4) and the masked horizontal neighbour pairs (the blocks' shapes; bins of 5)."""
+    counts = masks.sum(1).clamp(min=64) - 64  # [n] in 0..11
+    grid_masks = masks.view(-1, grid, grid)
+    q = grid // 4
+    centre = grid_masks[:, q:grid - q, q:grid - q].sum(dim=(1, 2)) // 4  # [n]
+    pairs = (grid_masks[:, :, 1:] & grid_masks[:, :, :-1]).sum(dim=(1, 2)) // 5  # [n]
+    return [torch.bincount(s, minlength=grid * grid) for s in (counts, centre, pairs)]
+
+
+def test_batched_masks_follow_the_official_law():
+    """The masks training draws (the whole batch on the device, MaskingGenerator.batched) against the official
+    per-image draws (`draw`, the law the tests above pin down), 4000 images each at 14 x 14, 75 patches, blocks >=
+    16: the same distribution of the masked count, of the masked patches in the centre and of the block shapes
+    (masked neighbour pairs), by chi-square; at most 75 masked; a function of the generator."""
+    gen = beit.MaskingGenerator(14, 75, 16, None, 0.3)
+    batched = gen.batched(4000, torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    official = torch.stack([torch.from_numpy(gen.draw(rng)).flatten().bool() for _ in range(4000)])  # [4000, 196]
+    assert batched.shape == (4000, 196) and batched.dtype == torch.bool and batched.sum(1).max() == 75
+    for ours, theirs in zip(mask_statistics(batched, 14), mask_statistics(official, 14)):
+        assert_same_law(ours, theirs)
+    assert torch.equal(gen.batched(8, torch.Generator().manual_seed(3)), gen.batched(8, torch.Generator().manual_seed(3)))
+    assert not torch.equal(batched[:8], gen.batched(8, torch.Generator().manual_seed(3)))
+
+
 @pytest.mark.parametrize("img,patch,grid,num,min_block", [(224, 16, 14, 75, 16), (32, 4, 8, 24, 5),
                                                           (28, 4, 7, 19, 4), (32, 2, 16, 98, 21)])
 def test_mask_budget_scales_with_the_grid(img, patch, grid, num, min_block):
@@ -140,23 +168,21 @@ def test_mask_generator_takes_every_masking_flag():
 def test_step_masks_follow_the_step_generator():
     cfg = beit.Config(img_size=32, patch_size=4)
     gen = beit.mask_generator(cfg)
-    a = gen(8, beit.step_rng(torch.Generator().manual_seed(5)))
-    assert torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(5))))
-    assert not torch.equal(a, gen(8, beit.step_rng(torch.Generator().manual_seed(6))))
+    a = gen.batched(8, torch.Generator().manual_seed(5))
+    assert torch.equal(a, gen.batched(8, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, gen.batched(8, torch.Generator().manual_seed(6)))
     assert (a.sum(1) <= 24).all()
-    g = torch.Generator().manual_seed(5)
-    assert torch.equal(a, gen(8, random.Random(g.initial_seed())))  # the Random is seeded by the step's seed
 
 
 def test_pretraining_step_draws_the_masks_of_its_step():
-    """pretraining_step (main's step and bench.py's): masks from the step generator's Random, the tokenizer view as the
-    tokenizer's input, slots = the generator's budget -> exactly model(imgs, view, those masks, budget)."""
+    """pretraining_step (main's step and bench.py's): masks drawn batched from the step's generator, the tokenizer
+    view as the tokenizer's input, slots = the generator's budget -> exactly model(imgs, view, those masks, budget)."""
     m = tiny_beit().eval()
     masks = beit.MaskingGenerator(4, 6, 2)
     imgs, view = torch.randn(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         loss, acc = beit.pretraining_step(m, (imgs, view), masks, torch.Generator().manual_seed(11))
-        mask = masks(3, random.Random(11))
+        mask = masks.batched(3, torch.Generator().manual_seed(11))
         expected = m(imgs, view, mask, 6)
         other = beit.pretraining_step(m, (imgs, view), masks, torch.Generator().manual_seed(12))[0]
     assert mask.sum(1).max() > 2  # the budget matters: more masked patches than the smallest block
@@ -176,7 +202,7 @@ def test_tokenizer_shapes_and_decode():
     assert img.shape == (3, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
     assert beit.DVAE(64, stride=8, hidden=8, codebook_dim=8).get_codebook_indices(torch.rand(1, 3, 24, 16)).shape == (1, 6)
     tok.schedule = beit.dvae_schedule(beit.Config())
-    loss, hard, terms = tok(view, torch.Generator().manual_seed(0), 0.0)
+    loss, hard, terms = tok(view, *tok.prepare(view, torch.Generator().manual_seed(0), 0.0))
     assert torch.equal(hard, ids) and terms["tau"] == 1.0 and terms["beta"] == 0.0 and torch.isfinite(loss)
     assert 0 <= terms["kl"] <= math.log(64) + 1e-5
     assert beit.cosine_anneal(1.0, 0.05, 1.0, 1 / 16) == 1 / 16 and beit.cosine_anneal(0.025, 0.05, 1.0, 0.0) == pytest.approx(0.5)
@@ -249,7 +275,7 @@ def test_dvae_loss_recomputed_by_hand(recon, straight_through):
         with torch.no_grad():
             tok.decoder[-1].bias[3] -= 9.0
     for progress in (0.2, 0.7):  # within both schedules; after both
-        loss, ids, terms = tok(view, torch.Generator().manual_seed(3), progress)
+        loss, ids, terms = tok(view, *tok.prepare(view, torch.Generator().manual_seed(3), progress))
         ref, nll, kl, tau, beta = dvae_loss_by_hand(tok, view, 3, progress)
         assert terms["tau"] == pytest.approx(tau, rel=1e-12) and terms["beta"] == pytest.approx(beta, rel=1e-12)
         assert 0 < beta and tau < 1
@@ -303,7 +329,7 @@ def test_tokenizer_uses_many_codes_after_a_short_fit(one_thread):
     opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
     before = tok.recon_error(imgs).item()
     for step in range(150):
-        loss, _, _ = tok(imgs, torch.Generator().manual_seed(step), step / 150)
+        loss, _, _ = tok(imgs, *tok.prepare(imgs, torch.Generator().manual_seed(step), step / 150))
         opt.zero_grad()
         loss.backward()
         opt.step()

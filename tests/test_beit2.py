@@ -17,7 +17,8 @@ from common import UserError
 from common.data import IMAGENET_MEAN, IMAGENET_STD
 from common.training import parse_config, resolve_amp
 from common.vit import count_params
-from conftest import ROOT, TINY, assert_loss_ignores_visible_targets, read_log, run_script
+from conftest import ROOT, TINY, assert_loss_ignores_visible_targets, assert_same_law, read_log, run_script
+from test_beit import mask_statistics
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -228,6 +229,27 @@ class FixedTeacher(torch.nn.Module):
         return self.proj(view.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2))
 
 
+def test_prepare_initialises_the_codebook_as_the_first_training_forward():
+    """Stage 1 calls `prepare` eagerly before each step, so that the step never branches on the codebook's init:
+    it gives the codebook (and the first step's ids) that the quantizer's first training forward gives with the same
+    generator, then does nothing; a tokenizer loaded from an uninitialised state is prepared again."""
+    view = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    by_forward, prepared = (tiny_vqkd().use_teacher(FixedTeacher()).train() for _ in range(2))
+    prepared.load_state_dict(by_forward.state_dict())
+    with torch.no_grad():
+        _, _, first = by_forward.quantize(by_forward.encode_unquantized(view), torch.Generator().manual_seed(3))
+    assert prepared.prepare(view, torch.Generator().manual_seed(3), 0.0) == ()  # (no other input)
+    assert prepared.quantize.ready() and prepared.quantize.initted
+    _, second, _ = prepared(view)
+    assert torch.equal(prepared.quantize.codebook, by_forward.quantize.codebook)  # k-means, then one EMA step
+    assert torch.equal(first, second)
+    codebook = prepared.quantize.codebook.clone()
+    prepared.prepare(-view, torch.Generator().manual_seed(4), 0.5)
+    assert torch.equal(prepared.quantize.codebook, codebook)  # initialised: left as it is
+    prepared.load_state_dict(tiny_vqkd().state_dict())
+    assert not prepared.quantize.ready()
+
+
 def test_vqkd_forward_recomputed_by_hand():
     """VQ-KD's stage-1 loss written out: the encoder on the view mapped to [-1, 1], its patch tokens (cls dropped)
     through Linear-Tanh-Linear, l2-normalised, the code of highest cosine; the codes laid out as a [B, d, h, w] map
@@ -240,7 +262,7 @@ def test_vqkd_forward_recomputed_by_hand():
     tok.quantize.initted.fill_(True)
     tok.eval()  # no EMA step: the codebook stays as set
     view = torch.rand(2, 3, 16, 16)
-    loss, ids, terms = tok(view, None, 0.0)
+    loss, ids, terms = tok(view)
     with torch.no_grad():
         x = tok.encoder.forward_features(2 * view - 1)[:, 1:]
         enc = tok.encode_task_layer
@@ -315,6 +337,21 @@ def test_paper_parameter_counts():
     assert (base.early_layers, large.early_layers) == (9, 21)
     rates = [b.drop_path.drop_prob for b in base.cls_pt_layers]
     assert rates == pytest.approx([0.1 * 9 / 11, 0.1 * 10 / 11])  # dpr[early_layers + i] of linspace(0, 0.1, 12)
+
+
+def test_batched_exact_masks_follow_the_official_law():
+    """Training's masks (batched on the device) against v2's official per-image draws, 4000 images each at 14 x 14:
+    exactly 75 per image, and the same distribution of the patches in the centre and of the block shapes by
+    chi-square (test_beit's statistics); the top-up adds to the v1 blocks of the same generator state."""
+    v2 = beit2.ExactMaskingGenerator(14, 75, 16)
+    batched = v2.batched(4000, torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    official = torch.stack([torch.from_numpy(v2.draw(rng)).flatten().bool() for _ in range(4000)])
+    assert (batched.sum(1) == 75).all()
+    for ours, theirs in zip(mask_statistics(batched, 14), mask_statistics(official, 14)):
+        assert_same_law(ours, theirs)
+    v1 = beit.MaskingGenerator(14, 75, 16).batched(4000, torch.Generator().manual_seed(0))
+    assert (batched >= v1).all() and (v1.sum(1) < 75).any()
 
 
 def test_exact_mask_count_extends_the_v1_blocks():
@@ -618,7 +655,8 @@ def test_v2_main_steps_use_exact_masks_and_average_the_accuracy(tmp_path, monkey
     def spy(model, batch, masks, generator):
         loss, acc = real(model, batch, masks, generator)
         calls.append(dict(seed=generator.initial_seed(), masks=masks, acc=acc.item(),
-                          counts=masks(batch[0].shape[0], beit.step_rng(generator)).sum(1).tolist()))
+                          counts=masks.batched(batch[0].shape[0], torch.Generator().manual_seed(
+                              generator.initial_seed())).sum(1).tolist()))  # the step's masks, drawn again
         return loss, acc
     monkeypatch.setattr(beit2, "pretraining_step", spy)
     monkeypatch.setattr(beit2, "report", lambda *a, **k: {})

@@ -1,4 +1,6 @@
 """bench.py: the FLOP count against a hand formula, the training table and the loader table at a tiny size."""
+import dataclasses
+import importlib
 import json
 import re
 
@@ -10,7 +12,7 @@ import bench
 import mae
 from common import UserError
 from common.training import cpu_has_fast_bf16
-from common.vit import VisionTransformer, count_params
+from common.vit import VisionTransformer, count_params, explicit_attention
 
 # One thread: the runs below check numbers, not speed, and two OpenMP threads on two busy cores slow a step ~20x.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -117,20 +119,49 @@ def test_help_gives_each_default_once(capsys):
         bench.parse_args(["--help"])
     options = capsys.readouterr().out.split("options:\n")[1]
     flags = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)][1:]  # one per flag, unwrapped
-    assert len(flags) == 17  # --help itself (first) has no default
+    assert len(flags) == 20  # --help itself (first) has no default
     counts = {flag.split()[0]: flag.count("(default:") for flag in flags}
     assert set(counts.values()) == {1}, counts
 
 
 def test_bench_loader(tmp_path):
     out = tmp_path / "loader.json"
-    run_script("bench.py", "--loader", "--loader-images", "16", "--small-images", "64", "--batch-size", "8",
-               "--device", "cpu", "--json", out, env=ONE_THREAD)
-    rows = json.loads(out.read_text())["rows"]
+    proc = run_script("bench.py", "--loader", "--loader-images", "16", "--small-images", "64", "--batch-size", "8",
+                      "--device", "cpu", "--json", out, env=ONE_THREAD)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [(r["path"], r["workers"]) for r in rows] == [("DataLoader", w) for w in (0, 1, 2)] * 2 + [
         ("resident on cpu", 0)]
     assert [r["images"] for r in rows] == [16] * 3 + [64] * 4  # one full epoch of each
     assert all(r["img_s"] > 0 and r["first_batch_s"] > 0 for r in rows)
+    # torchvision's pipeline on the same folder with 1 and 2 workers, each printed right after our row
+    reference = result["torchvision_rows"]
+    assert [(r["path"], r["workers"], r["images"]) for r in reference] == [("torchvision ImageFolder", w, 16)
+                                                                          for w in (1, 2)]
+    ratios = [rows[w]["img_s"] / reference[w - 1]["img_s"] for w in (1, 2)]
+    assert result["speedup"] == pytest.approx(sum(ratios) / 2)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == f"speedup {result['speedup']:.2f}x"  # the run's last line
+    ours = next(i for i, line in enumerate(lines) if line.startswith("| JPEG folder 500x375 -> 224 | DataLoader | 1 |"))
+    assert lines[ours + 1].startswith("| JPEG folder 500x375 -> 224 | torchvision ImageFolder | 1 | 8 | 16 |")
+
+
+def test_bench_loader_times_a_given_folder(tmp_path):
+    """--data-path: a flat folder of images (no class subfolders) timed through both pipelines, --loader-epochs
+    epochs of it per row."""
+    from PIL import Image
+
+    for i in range(8):
+        Image.new("RGB", (60 + i, 40), (i * 30, 100, 200)).save(tmp_path / f"{i}.jpg")
+    out = tmp_path / "loader.json"
+    run_script("bench.py", "--loader", "--data-path", tmp_path, "--loader-epochs", "2", "--small-images", "16",
+               "--batch-size", "4", "--img-size", "32", "--device", "cpu", "--json", out, env=ONE_THREAD)
+    result = json.loads(out.read_text())
+    ours = [r for r in result["rows"] if r["pipeline"] == f"JPEG folder {tmp_path} -> 32"]
+    assert [(r["workers"], r["images"]) for r in ours] == [(w, 16) for w in (0, 1, 2)]  # 2 epochs of 8
+    assert [(r["workers"], r["images"]) for r in result["torchvision_rows"]] == [(1, 16), (2, 16)]
+    with pytest.raises(UserError, match="is not a folder"):
+        bench.parse_args(["--loader", "--data-path", str(tmp_path / "0.jpg")])
 
 
 def test_profile_lists_the_top_ops_of_a_step_by_their_share():
@@ -186,3 +217,99 @@ def test_compile_table_says_after_how_many_steps_compiling_pays_off():
     table = bench.compile_table([row(500.0, 400.0), row(500.0, 520.0)]).splitlines()
     assert table[2] == "| mae | m | 500.0 | 400.0 | 60 | 600 | 234 |"
     assert table[3] == "| mae | m | 500.0 | 520.0 | 60 | never (not faster) | 234 |"
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+NANO = ["--model", "vit_nano", "--img-size", "32"]  # every method's ImageNet recipe at a tiny size
+
+
+@pytest.mark.parametrize("method", bench.METHODS)
+def test_grad_checkpointing_is_wired_into_every_method(method):
+    """--grad-checkpointing reaches every block stack of each method's build_model, gives the same loss and
+    gradients in a training step (masks, corruption, drop path replayed alike) and keeps fewer bytes for backward:
+    no block call saves any (each keeps only its inputs, which count before the call)."""
+    module = importlib.import_module(method)
+    cfg = bench.method_config(module, bench.parse_args([*NANO, "--batch-size", "2"]))
+    runs = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = module.build_model(dataclasses.replace(cfg, grad_checkpointing=checkpointing)).train()
+        switches = [m.grad_checkpointing for m in model.modules() if hasattr(m, "grad_checkpointing")]
+        assert switches and set(switches) == {checkpointing}
+        batch = bench.bench_batch(module, cfg, torch.device("cpu"))
+        torch.manual_seed(1)
+        loss = module.training_loss(model, batch, cfg, torch.Generator().manual_seed(2))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        runs[checkpointing] = loss, grads, bench.saved_bytes(module, model, cfg)[:2]
+    (loss, grads, (saved, block)), (loss_ckpt, grads_ckpt, (saved_ckpt, block_ckpt)) = runs[False], runs[True]
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads_ckpt.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=1e-6, msg=name)
+    assert saved_ckpt < saved and block_ckpt == 0 < block
+
+
+def test_the_stand_in_saves_what_fused_attention_saves():
+    """The GPU table counts attention as the fused kernel keeps it: causal bf16 SDPA on the CPU is such a kernel
+    (q, k, v, output, fp32 log-sum-exp), and the stand-in saves exactly as many bytes; the bf16 CPU path of
+    common/vit.py keeps the [B, H, N, N] attention besides q, k and v."""
+    q, k, v = (torch.randn(2, 4, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def saved(attention):
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = attention(q, k, v, None, True)
+        return sum(sizes.values()), out
+
+    fused, out = saved(lambda *a: torch.nn.functional.scaled_dot_product_attention(*a[:3], is_causal=True))
+    stand_in, out_stand_in = saved(bench.fused_attention_stand_in)
+    explicit, _ = saved(explicit_attention)
+    assert stand_in == fused == 4 * 2 * 4 * 64 * 16 * 2 + 2 * 4 * 64 * 4
+    assert explicit > fused and explicit >= 3 * q.nbytes + 2 * 4 * 64 * 64 * 2  # q, k, v and [B, H, N, N]
+    torch.testing.assert_close(out_stand_in, out)
+
+
+def test_gpu_memory_table_lists_every_method_and_every_preset_batch_fits():
+    """`bench.py --memory --no-host-memory` at a tiny size: a row per method; the state is 20 bytes per trainable
+    parameter plus the frozen ones; each row's need is its line at the preset's batch with the preset's
+    checkpointing, within 72 GB (the recipes at full size: docs/PERFORMANCE.md)."""
+    result = bench.bench_memory(bench.parse_args(["--memory", "--no-host-memory", *NANO]))
+    assert result["host_rows"] == []
+    table = bench.memory_table(result).splitlines()
+    assert [r["method"] for r in result["gpu_rows"]] == list(bench.METHODS)
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in bench.METHODS]
+    assert bench.GPU_BUDGET == 72e9
+    for r in result["gpu_rows"]:
+        module = importlib.import_module(r["method"])
+        recipe = module.Config(**module.PRESETS["imagenet"])
+        assert (r["batch"], r["checkpointing"]) == (recipe.batch_size, recipe.grad_checkpointing)
+        model = module.build_model(bench.method_config(module, bench.parse_args([*NANO, "--batch-size", "2"])))
+        frozen = sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if not t.requires_grad)
+        assert r["state_bytes"] == 20 * count_params(model) + frozen
+        kind = "checkpointed" if r["checkpointing"] else "plain"
+        need = r["state_bytes"] + r["fixed_bytes"][kind] + r["per_image_bytes"][kind] * r["batch"]
+        assert r["need_gb"] == pytest.approx(need / 1e9) and r["fits"] and need <= 72e9
+        assert 0 < r["per_image_bytes"]["checkpointed"] < r["per_image_bytes"]["plain"]
+    assert next(r for r in result["gpu_rows"] if r["method"] == "igpt")["checkpointing"]  # its preset needs it
+
+
+def test_gpu_fit_finds_the_largest_batch_and_flags_a_batch_over_the_budget():
+    """The arithmetic on a row: the largest batch is the last whose need is within 72 GB, one more is over it; a
+    row fits or not by its checkpointing state, and the table says NO where it does not."""
+    row = {"method": "igpt", "model": "m", "batch": 128, "accum_iter": 1, "checkpointing": False,
+           "trainable_params": 76_000_000, "state_bytes": 1.5e9,
+           "fixed_bytes": {"plain": 0.5e9, "checkpointed": 0.3e9},
+           "per_image_bytes": {"plain": 0.66e9, "checkpointed": 0.06e9}}
+    bench.gpu_fit(row)
+    assert row["largest_batch"] == {"plain": 106, "checkpointed": 1170}  # (72 - 2) / 0.66, (72 - 1.8) / 0.06
+    assert row["need_gb"] == pytest.approx(2.0 + 0.66 * 128) and not row["fits"]
+    assert bench.memory_table({"host_rows": [], "gpu_rows": [row]}).splitlines()[2].endswith("| off | 86.5 | NO |")
+    for batch, fits in ((106, True), (107, False)):
+        assert bench.gpu_fit({**row, "batch": batch})["fits"] == fits
+    row = bench.gpu_fit({**row, "checkpointing": True})
+    assert row["fits"] and row["need_gb"] == pytest.approx(1.8 + 0.06 * 128)

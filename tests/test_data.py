@@ -1,14 +1,17 @@
 """The resident (on-device, batched) augmentation against torchvision's PIL pipeline, and the two training paths."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision import transforms as T
 
 from common import data
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, LoaderData, ResidentData, SyntheticDataset, crop_resize_flip,
-                         epoch_order, mix_seed, pretrain_transform, sample_resized_crops)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, LoaderData, ResidentData, ResizedCropFlip, SyntheticDataset,
+                         crop_resize_flip, epoch_order, load_image, mix_seed, pretrain_transform, sample_resized_crops,
+                         seeded_rng)
 
 CPU = torch.device("cpu")
 
@@ -111,7 +114,7 @@ def test_resident_and_loader_paths_agree_in_distribution():
     ds.ids = ds.ids[:256]
     images, labels = ds.as_uint8()
     resident = ResidentData(images, labels, 64, 32, (0.2, 1.0), (3 / 4, 4 / 3), "bicubic", 0, 0, 1, CPU)
-    ds.transform = pretrain_transform(32, (0.2, 1.0))
+    ds.transform = ResizedCropFlip(32, (0.2, 1.0))
     loader = LoaderData(ds, 64, 0, 0, 1, 0, CPU)
     a = torch.cat([x for x, _ in resident.epoch(0)])
     b = torch.cat([x for x, _ in loader.epoch(0)])
@@ -227,3 +230,179 @@ def test_colour_jitter_applies_the_four_ops_in_each_images_random_order():
         assert torch.allclose(got[i], y, atol=1e-5), i
     assert (u[:, 0] >= 0.8).any() and (u[:, 0] < 0.8).any()  # this seed exercises both branches
     assert len({tuple(o) for o in order.tolist()}) > 1
+
+
+# ----------------------------------------------------------------------- the DataLoader's JPEG path (ResizedCropFlip)
+def photo_like(width, height, seed=0):
+    """An RGB image with detail at every scale (smooth colour fields + texture + noise), as a photo compresses."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(height, width),
+                                             mode="bicubic", align_corners=False)[0]  # [3, H, W]
+    x = torch.arange(width) / width
+    y = torch.arange(height).view(-1, 1) / height
+    texture = 0.15 * torch.sin(40 * x + 25 * y) * torch.cos(13 * y - 7 * x)  # [H, W]
+    img = (smooth + texture + 0.03 * torch.randn(3, height, width, generator=g)).clamp(0, 1)
+    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy())  # [3, H, W] -> [H, W, 3]
+
+
+def crop_spy(monkeypatch):
+    """Records (size of the image, box) of every PIL crop: the box ResizedCropFlip cuts, in decoded pixels."""
+    calls = []
+    crop = Image.Image.crop
+
+    def spy(img, box=None):
+        calls.append((img.size, tuple(box)))
+        return crop(img, box)
+
+    monkeypatch.setattr(Image.Image, "crop", spy)
+    return calls
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    grid = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a.sort().values, grid, right=True) / len(a)  # at every sample of either
+    cdf_b = torch.searchsorted(b.sort().values, grid, right=True) / len(b)
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+def box_statistics(boxes, width, height):
+    """[n, 4] (top, left, h, w) -> [n, 4]: area fraction, log aspect w / h, centre x / W, centre y / H."""
+    top, left, h, w = boxes.double().unbind(1)
+    return torch.stack([h * w / (width * height), torch.log(w / h), (left + w / 2) / width,
+                        (top + h / 2) / height], 1)
+
+
+def test_resized_crop_flip_draws_torchvisions_boxes_and_flips(monkeypatch):
+    """The crop box is drawn in full-size coordinates with RandomResizedCrop's law (KS test on area, aspect and
+    centre against get_params from other seeds, alpha = 0.001), and from the same seed it is get_params' box and
+    RandomHorizontalFlip's flip exactly: a 500 x 375 photo (no DCT reduction at 224 px or, in memory, at any size)."""
+    W, H, n = 500, 375, 1500
+    img = photo_like(W, H)
+    calls = crop_spy(monkeypatch)
+    transform = ResizedCropFlip(16, (0.2, 1.0))
+    outs = []
+    for seed in range(n):
+        with seeded_rng(seed):
+            outs.append(transform(img))
+    ours = torch.tensor([(t, l, b - t, r - l) for _, (l, t, r, b) in calls])  # PIL boxes -> (top, left, h, w)
+    assert all(size == (W, H) for size, _ in calls)
+    reference = []
+    for seed in range(n, 3 * n):
+        with seeded_rng(seed):
+            reference.append(T.RandomResizedCrop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)))
+    a, b = box_statistics(ours, W, H), box_statistics(torch.tensor(reference), W, H)
+    critical = 1.95 * math.sqrt((len(a) + len(b)) / (len(a) * len(b)))  # alpha = 0.001: sqrt(ln(2 / alpha) / 2)
+    for k, name in enumerate(("area", "log aspect", "centre x", "centre y")):
+        assert ks_statistic(a[:, k], b[:, k]) < critical, name
+    # the same seed: the same box as get_params, and the flip of RandomHorizontalFlip's draw right after it
+    flips = []
+    for seed in range(50):
+        with seeded_rng(seed):
+            top, left, h, w = T.RandomResizedCrop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3))
+            flips.append(bool(torch.rand(1) < 0.5))
+        assert tuple(ours[seed].tolist()) == (top, left, h, w)
+        crop = torch.from_numpy(np.array(img.crop((left, top, left + w, top + h)))).permute(2, 0, 1)[None]
+        plain = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bicubic", antialias=True)[0]
+        assert torch.equal(outs[seed], plain.flip(-1) if flips[-1] else plain)
+    assert 15 < sum(flips) < 35
+
+
+@pytest.mark.parametrize("size", [(2000, 1500), (1500, 2000)])
+def test_jpeg_is_decoded_no_smaller_than_the_crop_needs(tmp_path, monkeypatch, size):
+    """A JPEG is decoded at 1/s (s = 1, 2, 4, 8) so that the crop keeps >= S pixels on its shorter side, and at the
+    largest such s: smaller than the full size whenever the crop allows; the output stays close to PIL's full
+    decode + crop + resize (pretrain_transform) of the same box."""
+    W, H = size
+    path = tmp_path / "photo.jpg"
+    photo_like(W, H).save(path, quality=90)
+    S = 224
+    calls = crop_spy(monkeypatch)
+    transform, reference = ResizedCropFlip(S, (0.2, 1.0)), pretrain_transform(S, (0.2, 1.0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    gaps, reductions = [], set()
+    for seed in range(40):
+        with seeded_rng(seed):
+            out = load_image(path, transform)
+        decoded, box = calls[-1]  # the decoded image's size, our crop in its pixels
+        with seeded_rng(seed):
+            expected = reference(load_image(path))  # full decode, PIL crop + bicubic resize, float
+        _, full_box = calls[-1]  # pretrain_transform's box (the same draw) in full-size pixels
+        s = round(W / decoded[0])
+        reductions.add(s)
+        assert decoded == (math.ceil(W / s), math.ceil(H / s))  # what libjpeg decodes at 1/s
+        assert min(box[2] - box[0], box[3] - box[1]) >= S  # never fewer pixels than the output needs
+        shorter = min(full_box[2] - full_box[0], full_box[3] - full_box[1])
+        assert s == max(k for k in (1, 2, 4, 8) if shorter >= k * S or k == 1)  # the largest s that keeps them
+        assert all(abs(v * s - f) <= s / 2 for v, f in zip(box, full_box))  # the box, rounded to decoded pixels
+        gaps.append(((out / 255 - mean) / std - expected).mul(std).abs().mean().item() * 255)
+    assert reductions >= {2, 4}  # both reductions happened (the draws cover crops of 650-1500 px)
+    assert max(gaps) < 3  # mean |difference| against the full decode, in 0..255 levels
+
+
+def test_resized_crop_flip_equals_pil_crop_resize_without_reduction(tmp_path):
+    """Where nothing is reduced (a 500 x 375 JPEG at 224 px; a PNG, which has no DCT scaling, even at 32 px; a 16-bit
+    grayscale PNG through to_rgb) the output is PIL's crop + bicubic resize of the same box (pretrain_transform from
+    the same seed) within 2 levels of 0..255: torch's antialiased bicubic is PIL's filter."""
+    photo = photo_like(500, 375)
+    photo.save(tmp_path / "a.jpg", quality=90)
+    photo.resize((1000, 750)).save(tmp_path / "b.png")
+    gray16 = (np.asarray(photo.convert("L"), dtype=np.int32) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(gray16).save(tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").mode.startswith("I;16")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for name, S in (("a.jpg", 224), ("b.png", 32), ("c.png", 64)):
+        for seed in range(10):
+            with seeded_rng(seed):
+                ours = load_image(tmp_path / name, ResizedCropFlip(S, (0.2, 1.0)))
+            with seeded_rng(seed):
+                expected = pretrain_transform(S, (0.2, 1.0))(load_image(tmp_path / name))
+            assert ours.dtype == torch.uint8 and ours.shape == (3, S, S)
+            levels = (expected * std + mean) * 255  # back to 0..255
+            assert (ours - levels).abs().max() <= 2.01, (name, seed)
+
+
+def test_loader_yields_normalised_floats_from_uint8_workers(tmp_path):
+    """The dataset (in the workers) gives uint8 [3, S, S], decoded from the file at reduced size (a 1200 x 900 JPEG
+    at 32 px: 1/8) with the draws of (seed, epoch, index); LoaderData.epoch gives the batch as floats normalised with
+    the ImageNet mean and std on the device, as ToTensor + Normalize would; build_train_data takes this path for a
+    folder of JPEGs."""
+    from types import SimpleNamespace
+
+    from common.data import build_train_data
+    from common.training import Dist
+
+    for i in range(8):
+        photo_like(1200, 900, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+    cfg = SimpleNamespace(data="folder", data_path=str(tmp_path), img_size=32, subset=0, seed=3, batch_size=4,
+                          workers=0, resident=True)
+    loader = build_train_data(cfg, Dist(0, 1, 0, CPU), (0.2, 1.0), log=lambda msg: None)
+    assert isinstance(loader, LoaderData) and isinstance(loader.loader.dataset.transform, ResizedCropFlip)
+    ds = loader.loader.dataset
+    raw, label = ds[(5, 1)]
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 32) and label == -1
+    with seeded_rng(mix_seed(3, 1, 5)):
+        assert torch.equal(raw, load_image(ds.files[5], ResizedCropFlip(32, (0.2, 1.0))))  # the draft path
+    with seeded_rng(mix_seed(3, 1, 5)):
+        assert not torch.equal(raw, ResizedCropFlip(32, (0.2, 1.0))(load_image(ds.files[5])))  # not a full decode
+    (x, _), _ = list(loader.epoch(1))
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
+    order = epoch_order(8, 3, 1, 0, 1)[:4]
+    raw = torch.stack([ds[(int(i), 1)][0] for i in order]).float()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, (raw / 255 - mean) / std, atol=1e-5)
+
+
+def test_default_workers_share_this_process_cores_among_the_local_ranks(monkeypatch):
+    """--workers by default: the cores of this process's CPU affinity (not the machine's count) divided among the
+    LOCAL_WORLD_SIZE processes torchrun starts on the node, at least 1."""
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 96)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.default_workers() == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data.default_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert data.default_workers() == 1
+    monkeypatch.delattr(data.os, "sched_getaffinity")  # macOS, Windows: the machine's count
+    assert data.default_workers() == 96 // 16

@@ -95,8 +95,8 @@ def hand_features(m, batches, seed):
 def fake_run(cfg):
     """What layer_features / probe_layers / finetune_joint / random_init read of a Run: one CPU process."""
     cpu = torch.device("cpu")
-    return SimpleNamespace(cfg=cfg, device=cpu, is_main=True, autocast=nullcontext, log=lambda msg: None,
-                           dist=SimpleNamespace(world_size=1, rank=0, device=cpu))
+    return SimpleNamespace(cfg=cfg, device=cpu, is_main=True, autocast=nullcontext, amp_dtype=None,
+                           log=lambda msg: None, dist=SimpleNamespace(world_size=1, rank=0, device=cpu))
 
 
 def image_batches(sizes, classes=3, seed=0):

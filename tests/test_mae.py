@@ -255,7 +255,7 @@ def assert_main_follows_the_recipe(module, tmp_path, monkeypatch, argv, hand_los
     """main() with 2 micro-steps per update (2 epochs of 2 steps of batch 8, a one-epoch warm-up, --clip-grad huge
     so that the gradient norm is read): the crop of the method, the model at the seed's init, the masks of global
     step `it` (not the step within the epoch) from the generator of (seed, rank 0, it), the lr of every step
-    (`expected_lrs(peak)`, peak = blr x 16 / lr_batch_div), the gradient norm of the first update = that of the mean
+    (`expected_lrs(peak)`, peak = blr x 16 / lr_batch_div: both micro-steps of an update at the first one's), the gradient norm of the first update = that of the mean
     of its two micro-steps' losses computed here by `hand_loss(model, imgs, seed)`, and the optimizer's betas and
     weight-decay groups as saved in the checkpoint."""
     calls, norms, data_args = [], [], {}
@@ -303,14 +303,15 @@ def assert_main_follows_the_recipe(module, tmp_path, monkeypatch, argv, hand_los
 
 def test_main_follows_the_recipe(tmp_path, monkeypatch, one_thread):
     """mae.main(): RandomResizedCrop(0.2, 1) bicubic; masks of 75 % from the step's generator; lr warm-up from 0
-    over one epoch (2 steps), then the half cosine; the two micro-steps of an update averaged; AdamW(0.9, 0.95),
-    wd 0.05 except biases and norms."""
+    over one epoch (2 steps), then the half cosine, each update at the lr of its first micro-step (official
+    `data_iter_step % accum_iter == 0`); the two micro-steps of an update averaged; AdamW(0.9, 0.95), wd 0.05
+    except biases and norms."""
     def hand_loss(model, imgs, seed):
         return model(imgs, 0.75, torch.rand(8, 16, generator=torch.Generator().manual_seed(seed)))[0]
     assert_main_follows_the_recipe(
         mae, tmp_path, monkeypatch, ["--model", "vit_nano", "--img-size", 16, "--patch-size", 4, "--decoder-dim", 32,
                                      "--decoder-depth", 1, "--decoder-heads", 2], hand_loss,
-        dict(crop_scale=(0.2, 1.0), interpolation="bicubic"), lambda peak: [0, 0.5 * peak, peak, 0.5 * peak],
+        dict(crop_scale=(0.2, 1.0), interpolation="bicubic"), lambda peak: [0, 0, peak, peak],
         (0.9, 0.95))
 
 

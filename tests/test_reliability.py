@@ -362,6 +362,23 @@ def test_a_bad_image_with_two_workers_exits_at_once(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "odd_text.JPEG" in proc.stderr
 
 
+def test_a_bad_image_ends_every_process_of_a_torchrun(tmp_path):
+    """The same under torchrun with 2 processes (gloo): the process that reads the file exits 2 with the one line,
+    and the other one, waiting for it in a collective, ends too: the run is over within seconds, not at the
+    collective's timeout (a cluster job would otherwise hold its GPUs for it)."""
+    root = class_folders(tmp_path / "data", {"train": dict.fromkeys("abcd", 6), "val": dict.fromkeys("abcd", 3)})
+    (root / "train" / "b" / "odd_text.JPEG").write_text("this is text, not an image")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + sum(map(ord, str(tmp_path))) % 200), str(ROOT / "mae.py"), *MAE_TINY, "--data",
+                           "folder", "--data-path", str(root), "--subset", "0", "--batch-size", "3", "--workers", "2",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert time.perf_counter() - t < 30 and proc.returncode != 0
+    assert re.search(r"^error: cannot read image .*odd_text\.JPEG", proc.stderr, re.MULTILINE)
+    assert re.search(r"exitcode\s*: 2 ", proc.stderr)  # torchrun's summary: the process that read it exited 2
+
+
 def test_unusual_but_valid_images_load(tmp_path):
     """CMYK, palette (with transparency), 16-bit, grayscale and RGBA files are valid and train as RGB."""
     root = tmp_path / "data" / "a"
