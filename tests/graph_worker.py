@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common.training as training  # noqa: E402
 
 
 def main():
-    import torch._dynamo
     from torch._dynamo.utils import counters
     real_compile, compiled = torch.compile, []
 
