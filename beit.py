@@ -44,8 +44,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from common import UserError
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_train_data, color_jitter,
-                         crop_resize_flip, eval_transform, mix_seed, preview_images, sample_resized_crops, seeded_rng)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip,
+                         eval_transform, mix_seed, preview_images, run_dataset, sample_resized_crops, seeded_rng)
 from common.evaluation import (codebook_stats, denormalize, monitors, report, save_codebook_usage, save_image_grid,
                                token_colours)
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
@@ -527,9 +527,9 @@ def build_two_view_data(cfg, run, tok_size, interpolation, batch_size=None):
 def fixed_views(cfg, run, size, n):
     """n images of the val (or pre-training) split at `size` px in [0, 1]: the same ones every epoch."""
     transform = T.Compose([eval_transform(size).transforms[0], T.ToTensor()])
-    ds = build_dataset(cfg.data, "val", cfg.data_path, size, cfg.subset, transform, cfg.seed)
-    if ds is None:
-        ds = build_dataset(cfg.data, "pretrain", cfg.data_path, size, cfg.subset, transform, cfg.seed)
+    ds = run_dataset(cfg, "val", transform, size)
+    if ds is None:  # an unlabelled folder has no val split
+        ds = run_dataset(cfg, "pretrain", transform, size)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).to(run.device)
 
 

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from common import UserError
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_eval_loader, build_train_data,
-                         eval_transform, preview_images, seeded_rng)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, build_train_data, eval_transform,
+                         preview_images, run_dataset, seeded_rng)
 from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid, shard
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
                              progress, scaled_lr, set_grad_sync, set_lr)
@@ -121,8 +121,7 @@ def fit_palette(cfg, run):
     """k-means palette on pixels of --palette-images training images (seeded choice), at the model resolution,
     with the evaluation transform (no augmentation). Every rank computes it; rank 0's is broadcast."""
     t = time.perf_counter()
-    ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset,
-                       transform=eval_transform(cfg.img_size), seed=cfg.seed)
+    ds = run_dataset(cfg, "pretrain", eval_transform(cfg.img_size))
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(ds), generator=g)[: cfg.palette_images].tolist()
     pixels = []

@@ -563,7 +563,8 @@ def main():
             parts = torch.zeros(2, device=run.device)  # this epoch's contrastive and reconstruction losses
             for step, (views, _) in enumerate(data.epoch(epoch, start_step), start_step):
                 it = epoch * data.steps_per_epoch + step
-                progress = it / data.steps_per_epoch  # in epochs: lr, weight decay and momentum follow it
+                first = it - step % cfg.accum_iter  # the update's first micro-step: its schedules are read there
+                progress = first / data.steps_per_epoch  # in epochs: lr, weight decay and momentum follow it
                 lr = set_lr(optimizer, cosine_lr(progress, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs))
                 # official: the weight decay of the decayed group (param_groups' first) follows a cosine from
                 # --weight-decay to --weight-decay-end over all iterations, without warm-up

@@ -16,7 +16,9 @@ import gzip
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -276,7 +278,12 @@ class ArrayDataset(ImageDataset):
 
 
 class FileDataset(ImageDataset):
-    """A list of image files with labels (-1 when unlabelled)."""
+    """A list of image files with labels (-1 when unlabelled). An unreadable file ends the run with a UserError
+    naming it, unless `bad_images_log` is set (--skip-bad-images): it is then listed in that file and replaced by
+    another image of the dataset."""
+
+    MAX_REPLACEMENTS = 20  # unreadable files in a row before the dataset is taken to be no folder of images at all
+    bad_images_log = None
 
     def __init__(self, files, labels, num_classes):
         self.files, self.labels, self.num_classes = files, labels, num_classes
@@ -288,9 +295,31 @@ class FileDataset(ImageDataset):
         return load_image(self.files[i]), self.labels[i]
 
     def load_transformed(self, i):
-        if isinstance(self.transform, ResizedCropFlip):  # it decodes the file itself, at reduced size where it can
-            return load_image(self.files[i], self.transform), self.labels[i]
-        return super().load_transformed(i)
+        for attempt in range(self.MAX_REPLACEMENTS):
+            try:
+                if isinstance(self.transform, ResizedCropFlip):  # it decodes the file itself, at reduced size
+                    return load_image(self.files[i], self.transform), self.labels[i]
+                return super().load_transformed(i)
+            except UserError as e:
+                if self.bad_images_log is None:
+                    raise UserError(f"{e} (--skip-bad-images would list it and go on with another image)") from None
+                self.list_bad_image(self.files[i], e)
+                # a replacement: a seeded draw from (seed, index, attempt), the same one every epoch and every run
+                i = int(torch.randint(len(self), (), generator=torch.Generator().manual_seed(
+                    mix_seed(self.seed, i, attempt))))
+        raise UserError(f"{self.MAX_REPLACEMENTS} unreadable images in a row (listed in {self.bad_images_log}): "
+                        f"are these files images?")
+
+    def list_bad_image(self, path, error):
+        """Append `path` to bad_images_log (once: each process, DataLoader workers included, checks the file) and
+        say so on stderr."""
+        log = Path(self.bad_images_log)
+        if log.exists() and path in log.read_text().split("\n"):
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:  # one short append: whole lines even when several workers write
+            f.write(path + "\n")
+        print(f"warning: skipped an unreadable image, listed in {log}: {error}", file=sys.stderr, flush=True)
 
 
 def _images_under(root):
@@ -447,6 +476,15 @@ def build_dataset(name, split, data_path="", img_size=32, subset=0, transform=No
     if subset and subset < len(ds):
         ds = take_subset(ds, subset, seed)
     ds.transform = transform
+    return ds
+
+
+def run_dataset(cfg, split, transform=None, img_size=None):
+    """build_dataset with a run's settings (--data, --data-path, --img-size unless `img_size`, --subset, --seed) and
+    --skip-bad-images, whose list of unreadable files is <out>/bad_images.txt."""
+    ds = build_dataset(cfg.data, split, cfg.data_path, img_size or cfg.img_size, cfg.subset, transform, cfg.seed)
+    if isinstance(ds, FileDataset) and cfg.skip_bad_images:
+        ds.bad_images_log = os.path.join(cfg.out, "bad_images.txt")
     return ds
 
 
@@ -827,7 +865,7 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
     for the DataLoader and `augment` ((uint8 [B, 3, H, W] on the device, generator) -> the same views, batched) for
     the resident path; the batches then carry that tuple. With `transform` alone the DataLoader path is used."""
     info = DATASETS[cfg.data]
-    ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, seed=cfg.seed)
+    ds = run_dataset(cfg, "pretrain")
     if len(ds) // dist.world_size < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ds)} images of {cfg.data}"
                         + (f" split over {dist.world_size} processes" if dist.world_size > 1 else ""))
@@ -867,8 +905,7 @@ def build_eval_loader(cfg, split, dist, batch_size=None, workers=None, transform
     """A fixed-order loader over a labelled split with the eval transform (all of it on every rank; evaluation
     shards by itself). None when the dataset has no such labelled split."""
     info = DATASETS[cfg.data]
-    ds = build_dataset(cfg.data, split, cfg.data_path, cfg.img_size, cfg.subset,
-                       transform or eval_transform(cfg.img_size), seed=cfg.seed)
+    ds = run_dataset(cfg, split, transform or eval_transform(cfg.img_size))
     if ds is None:
         return None
     if transform is None and info.in_memory and info.stored_size(cfg.img_size) == cfg.img_size:
@@ -895,7 +932,7 @@ def preview_images(cfg, dist, n=8):
     """n images of the val split (or of the pre-training split), one per class in turn (preview_indices), eval
     transform: [n, 3, H, W]."""
     transform = eval_transform(cfg.img_size)
-    ds = build_dataset(cfg.data, "val", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
-    if ds is None:
-        ds = build_dataset(cfg.data, "pretrain", cfg.data_path, cfg.img_size, cfg.subset, transform, cfg.seed)
+    ds = run_dataset(cfg, "val", transform)
+    if ds is None:  # an unlabelled folder has no val split
+        ds = run_dataset(cfg, "pretrain", transform)
     return torch.stack([ds[i][0] for i in preview_indices(ds.labels, n, cfg.seed)])

@@ -68,6 +68,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     workers: int = default_workers()  # DataLoader worker processes: this process's share of its cores by default
     resident: bool = True  # hold small datasets on the device and augment in batches (--no-resident: DataLoader)
+    skip_bad_images: bool = False  # list an unreadable image in <out>/bad_images.txt and use another (default: stop)
     seed: int = 0  # seed of init, data order, augmentation and masks
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
     eval_only: bool = False  # only evaluate the --resume checkpoint

@@ -685,7 +685,7 @@ def test_synthetic_is_fast(monkeypatch):
         return render(i, size, seed)
 
     monkeypatch.setattr(data, "render_synthetic", counted)
-    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=24, batch_size=8, workers=0, seed=0,
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=24, batch_size=8, workers=0, seed=0, skip_bad_images=False,
                           resident=True)
     dist = Dist(0, 1, 0, torch.device("cpu"))
     loader = build_eval_loader(cfg, "val", dist)
@@ -809,7 +809,7 @@ def test_eval_transform_crops_only_images_larger_than_the_input():
     assert whole.shape == cut.shape == (3, 32, 32)
     assert whole[:, 0].mean() > 2 and whole[:, -1].mean() > 2 and whole[:, :, 0].mean() > 2  # white, normalised
     assert cut[:, 0].mean() < -1.5 and cut[:, :, 0].mean() < -1.5  # black
-    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0, seed=0)
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=28, subset=16, batch_size=16, workers=0, seed=0, skip_bad_images=False)
     loader = build_eval_loader(cfg, "val", SimpleNamespace(device=torch.device("cpu")))
     assert type(loader.dataset).__name__ == "TensorImages"  # the images as rendered, normalised without PIL
     x, y = next(iter(loader))

@@ -173,7 +173,7 @@ def test_a_method_can_bring_its_own_views_on_both_paths():
     from common.data import build_train_data
     from common.training import Dist
 
-    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=48, seed=0, batch_size=8, workers=0,
+    cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=48, seed=0, skip_bad_images=False, batch_size=8, workers=0,
                           resident=True)
     dist = Dist(0, 1, 0, CPU)
     pil_views = T.Compose([T.Resize(8), T.ToTensor()])
@@ -374,7 +374,7 @@ def test_loader_yields_normalised_floats_from_uint8_workers(tmp_path):
 
     for i in range(8):
         photo_like(1200, 900, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
-    cfg = SimpleNamespace(data="folder", data_path=str(tmp_path), img_size=32, subset=0, seed=3, batch_size=4,
+    cfg = SimpleNamespace(data="folder", data_path=str(tmp_path), img_size=32, subset=0, seed=3, skip_bad_images=False, batch_size=4,
                           workers=0, resident=True)
     loader = build_train_data(cfg, Dist(0, 1, 0, CPU), (0.2, 1.0), log=lambda msg: None)
     assert isinstance(loader, LoaderData) and isinstance(loader.loader.dataset.transform, ResizedCropFlip)

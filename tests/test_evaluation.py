@@ -34,7 +34,7 @@ def fake_run(cfg=None, rank=0, world=1):
 
 
 def synthetic_cfg(**kw):
-    return SimpleNamespace(**{**dict(data="synthetic", data_path="", img_size=16, subset=24, batch_size=8, workers=0,
+    return SimpleNamespace(**{**dict(data="synthetic", data_path="", img_size=16, subset=24, batch_size=8, workers=0, skip_bad_images=False,
                                      seed=0), **kw})
 
 

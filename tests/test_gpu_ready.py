@@ -247,7 +247,7 @@ def test_every_fp16_backward_is_scaled(method, tmp_path, monkeypatch, one_thread
 
 
 # ----------------------------------------------------------------------------------------------- accumulation
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "sit"])  # SiT: still the last micro-step's lr
+@pytest.mark.parametrize("method", METHODS)
 def test_an_update_takes_the_lr_of_its_first_micro_step(method, tmp_path, monkeypatch, one_thread, request):
     """--accum-iter 2 in every method: both micro-steps of an update run at the lr the schedule gives the first
     (official MAE `if data_iter_step % accum_iter == 0: adjust_learning_rate`), so the logged lr moves every other

@@ -17,6 +17,7 @@ from PIL import Image
 
 import mae
 from common.evaluation import finetune_recipe
+from common import UserError
 from common.training import atomic_save, cli
 from conftest import ROOT, TINY, read_log, run_script
 
@@ -333,7 +334,7 @@ def test_preview_grid_of_a_class_sorted_folder_shows_every_class(tmp_path):
     assert drawn == preview_indices(labels, 8, seed=0) != preview_indices(labels, 8, seed=1)
     assert sorted(preview_indices([-1] * 5, 8, seed=0)) == [0, 1, 2, 3, 4]  # unlabelled: all of them, fewer than 8
     data = class_folders(tmp_path / "data", {"train": dict.fromkeys("abcd", 5), "val": dict.fromkeys("abcd", 5)})
-    cfg = SimpleNamespace(data="imagenet", data_path=str(data), img_size=20, subset=0, seed=0)
+    cfg = SimpleNamespace(data="imagenet", data_path=str(data), img_size=20, subset=0, seed=0, skip_bad_images=False)
     rows = preview_images(cfg, dist=None)  # [8, 3, 20, 20], normalised
     from common.data import IMAGENET_MEAN, IMAGENET_STD
     pixels = rows * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -360,6 +361,41 @@ def test_a_bad_image_with_two_workers_exits_at_once(tmp_path):
                       "3", "--workers", "2", "--out", tmp_path / "out", check=False, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "odd_text.JPEG" in proc.stderr
+
+
+def test_skip_bad_images_lists_the_file_once_and_finishes(tmp_path):
+    """--skip-bad-images with 2 workers: the same folder trains, evaluates and finishes; bad_images.txt names the
+    file once, though the training loader's workers and the monitors' loaders each met it."""
+    root = class_folders(tmp_path / "data", {"train": dict.fromkeys("abcd", 6), "val": dict.fromkeys("abcd", 3)})
+    bad = root / "train" / "b" / "odd_text.JPEG"
+    bad.write_text("this is text, not an image")
+    proc = run_script("mae.py", *MAE_TINY, "--data", "folder", "--data-path", root, "--subset", "0", "--batch-size",
+                      "3", "--workers", "2", "--skip-bad-images", "--out", tmp_path / "out", timeout=300)
+    assert (tmp_path / "out" / "bad_images.txt").read_text() == f"{bad}\n"
+    assert "warning: skipped an unreadable image" in proc.stderr and (tmp_path / "out" / "encoder.pth").exists()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["eval"]["pretrained"]["knn_cls"] > 50  # 4 classes
+
+
+def test_a_replacement_for_a_bad_image_is_a_fixed_readable_draw(tmp_path):
+    """A bad file is replaced by a readable image drawn from (seed, index): the same draw every time; a dataset of
+    nothing but bad files stops after MAX_REPLACEMENTS tries with one error naming the list."""
+    from common.data import FileDataset, eval_transform
+    root = image_folder(tmp_path / "data", bad=("broken.jpg", b"not an image"))
+    files = sorted(str(p) for p in root.rglob("*.*"))
+    ds = FileDataset(files, list(range(len(files))), len(files))
+    ds.transform, ds.bad_images_log = eval_transform(16), str(tmp_path / "bad.txt")
+    i = files.index(str(root / "a" / "broken.jpg"))
+    img, label = ds[i]
+    assert img.shape == (3, 16, 16) and label != i and ds[i][1] == label  # another image, the same one again
+    ds.seed = 1
+    assert {ds[i][1] for ds.seed in range(8)} != {label}  # the draw depends on the seed
+    assert (tmp_path / "bad.txt").read_text().splitlines() == [files[i]]
+    ds.bad_images_log = None
+    with pytest.raises(UserError, match=r"cannot read image .*broken\.jpg.*--skip-bad-images"):
+        ds[i]
+    ds.files, ds.bad_images_log = [files[i]] * 3, str(tmp_path / "bad.txt")
+    with pytest.raises(UserError, match="20 unreadable images in a row"):
+        ds[0]
 
 
 def test_a_bad_image_ends_every_process_of_a_torchrun(tmp_path):

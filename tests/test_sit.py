@@ -623,8 +623,9 @@ def test_main_wires_the_schedules_the_clipping_and_the_teacher_update(tmp_path, 
     *every* student parameter, an optimizer step, then the teacher EMA at the updates (micro-steps 1, 3, 5, 7) with
     momentum 1 - 0.004 (1 + cos(pi it / 8)) / 2 (official: cosine from 0.996 to 1 over all iterations); weight decay
     of the decayed group (the >= 2-D weights) a cosine from 0.04 to 0.1, the other group 0; the lr warmed up over
-    half an epoch, then a cosine; the corruption drawn from the step's generator. The checkpoint's teacher is the EMA
-    of the recorded students, recomputed."""
+    half an epoch, then a cosine; every schedule read at `it` = the update's first micro-step (0, 2, 4, 6); the
+    corruption drawn from the step's generator. The checkpoint's teacher is the EMA of the recorded students,
+    recomputed."""
     import random
     import signal
     import numpy as np
@@ -682,13 +683,13 @@ def test_main_wires_the_schedules_the_clipping_and_the_teacher_update(tmp_path, 
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["momentum_teacher"], cfg["weight_decay"], cfg["weight_decay_end"], cfg["clip_grad"], cfg["seed"]) == (
         0.996, 0.04, 0.1, 3.0, 0)
-    updates = [1, 3, 5, 7]
-    half_cos = [(1 + math.cos(math.pi * it / 8)) / 2 for it in updates]  # 1 at the start, 0 at the end of 8 steps
+    firsts = [0, 2, 4, 6]  # the updates come at micro-steps 1, 3, 5, 7; their schedules are read at the first of each
+    half_cos = [(1 + math.cos(math.pi * it / 8)) / 2 for it in firsts]  # 1 at the start, 0 at the end of 8 steps
     assert [m for m, _, _ in rec["teacher"]] == pytest.approx([1 - 0.004 * c for c in half_cos], abs=1e-12)
     assert all(cleared for _, cleared, _ in rec["teacher"])
     peak, min_lr = 2e-3 * 32 / 256, cfg["min_lr"]
-    lrs = [peak * 0.25 / 0.5] + [min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (it / 4 - 0.5) / 1.5)) / 2
-                                 for it in updates[1:]]
+    lrs = [0.0, peak * 2 / 4 / 0.5] + [min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (it / 4 - 0.5) / 1.5)) / 2
+                                       for it in firsts[2:]]
     assert [[lr for lr, _ in groups] for groups in rec["opt"]] == [pytest.approx([lr, lr], rel=1e-9) for lr in lrs]
     assert [[wd for _, wd in groups] for groups in rec["opt"]] == [
         pytest.approx([0.1 - 0.06 * c, 0.0], abs=1e-12) for c in half_cos]
