@@ -181,6 +181,8 @@ def build_parser(cls, description, presets=None):
                      argument_default=argparse.SUPPRESS, epilog=presets_epilog(presets, cls) if presets else None)
     hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
+        if f.name in getattr(cls, "hidden", ()):  # a field this program does not use
+            continue
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -233,8 +235,17 @@ def saved_config(cls, given):
 def parse_config(cls, presets, argv=None, description=None):
     """Command line -> config. Precedence: command line > with --resume, the resumed run's saved config > the
     method's preset for the dataset's scale > defaults. Returns (config, the preset fields that were applied)."""
+    return resolve_config(cls, given_settings(cls, argv, description, presets), presets)
+
+
+def given_settings(cls, argv=None, description=None, presets=None):
+    """The fields the command line sets, plus with --resume those of the run it continues (saved_config)."""
     given = vars(build_parser(cls, description, presets).parse_args(argv))
-    given = {**saved_config(cls, given), **given}  # `--resume auto --out DIR` alone continues the run as it was
+    return {**saved_config(cls, given), **given}  # `--resume auto --out DIR` alone continues the run as it was
+
+
+def resolve_config(cls, given, presets):
+    """The config from the given settings, the preset of the dataset's scale and the class defaults."""
     data = given.get("data", cls.data)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}; choose from {', '.join(DATASETS)}")
@@ -744,13 +755,13 @@ class Run:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
 
-    def finish_training(self, seconds):
-        """End of pre-training: under DDP, check that every rank ended with the same parameters (a silent
-        desync would otherwise only show as worse numbers); log it."""
+    def finish_training(self, seconds, what="pre-training"):
+        """End of training: under DDP, check that every rank ended with the same parameters (a silent desync would
+        otherwise only show as worse numbers); log it."""
         identical = self.replicas_identical(self.model)
         self.write_log(kind="done", global_step=self.global_step, seconds=round(seconds, 1),
                        world_size=self.dist.world_size, replicas_identical=identical)
-        self.log(f"pre-training done in {seconds:.0f}s")
+        self.log(f"{what} done in {seconds:.0f}s")
 
     def replicas_identical(self, model):
         """Under DDP, whether every rank holds the same parameters of `model` (a fingerprint per tensor, gathered);

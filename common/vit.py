@@ -91,9 +91,14 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(grid_h, grid_w), persistent=False)
 
     def forward(self):
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.flatten()]  # [(1+N)^2, H]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # [H, 1+N, 1+N]
+        return gather_bias(self.relative_position_bias_table, self.relative_position_index)
+
+
+def gather_bias(table, index):
+    """A relative position bias table [entries, H] read at index [1+N, 1+N] -> the attention bias [H, 1+N, 1+N]."""
+    n = index.shape[0]
+    bias = table[index.flatten()]  # [(1+N)^2, H]
+    return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # [H, 1+N, 1+N]
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -154,9 +159,17 @@ class Attention(nn.Module):
         else:
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = None  # a block's own table (own_rel_pos_bias), else the one handed in
+
+    def own_rel_pos_bias(self, table, index):
+        """Take `table` [entries, H] as this block's own relative position bias (timm Beit's per-block names)."""
+        self.relative_position_bias_table = nn.Parameter(table)
+        self.register_buffer("relative_position_index", index, persistent=False)
 
     def forward(self, x, attn_bias=None):
         B, N, D = x.shape
+        if self.relative_position_bias_table is not None:
+            attn_bias = gather_bias(self.relative_position_bias_table, self.relative_position_index)  # [H, N, N]
         bias = self.qkv.bias
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # [3D], k gets no bias
@@ -322,6 +335,16 @@ class VisionTransformer(nn.Module):
         """All patches, no masking: [B, C, H, W] -> normalised tokens [B, 1+N, D] (cls first), as timm's
         `forward_features`."""
         return self.norm(self.run_blocks(self.prepend_cls(self.embed(imgs))))
+
+    def split_rel_pos_bias(self):
+        """BEiT's fine-tuning (and SimMIM's): the shared relative position bias becomes one table per block, each
+        starting as a copy of the shared one; returns self."""
+        shared = self.rel_pos_bias
+        for block in self.blocks:
+            block.attn.own_rel_pos_bias(shared.relative_position_bias_table.detach().clone(),
+                                        shared.relative_position_index)
+        self.rel_pos_bias = None
+        return self
 
     def set_drop_path(self, rate):
         """Stochastic depth linspace(0, rate, depth) over the blocks (fine-tuning sets it after pre-training)."""

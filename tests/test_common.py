@@ -817,3 +817,26 @@ def test_eval_transform_crops_only_images_larger_than_the_input():
     images, labels = ds.as_uint8()  # [16, 3, 28, 28], as rendered
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(x, (images / 255 - mean) / std, atol=1e-5) and torch.equal(y, labels)
+
+
+def test_split_rel_pos_bias_gives_every_block_a_copy_under_timm_beit_names():
+    """BEiT's fine-tuning: the shared relative position table becomes one per block, each a copy: the same features
+    before any training, timm Beit's per-block names (strict), and the tables then train apart."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    enc = VisionTransformer(32, 8, 64, 2, 2, qv_bias=True, init_values=0.1, pos_embed=None, rel_pos_bias=True)
+    enc.rel_pos_bias.relative_position_bias_table.data.normal_()
+    imgs = torch.randn(2, 3, 32, 32)
+    before = enc.forward_features(imgs)
+    shared = enc.rel_pos_bias.relative_position_bias_table.detach().clone()
+    enc.split_rel_pos_bias()
+    assert enc.rel_pos_bias is None and torch.allclose(enc.forward_features(imgs), before, atol=1e-6)
+    tables = [b.attn.relative_position_bias_table for b in enc.blocks]
+    assert all(torch.equal(t, shared) for t in tables) and tables[0] is not tables[1]
+    with torch.no_grad():
+        tables[1].add_(1.0)  # block 1's own table: block 0's output is unchanged, the features change
+    assert torch.equal(tables[0], shared) and not torch.allclose(enc.forward_features(imgs), before)
+    ref = timm.models.beit.Beit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token")
+    ref.load_state_dict(enc.state_dict(), strict=True)
+    assert torch.allclose(ref.eval().forward_features(imgs), enc.eval().forward_features(imgs), atol=1e-5)

@@ -1,0 +1,164 @@
+"""finetune.py: fine-tuning and linear probing as a program (files, exact resume in 1 and 2 processes, timm names,
+the linear probe's frozen encoder and LARS, --eval-only)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+from conftest import ROOT, TINY, read_log, run_script
+
+MAE_TINY = TINY + ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+# fine-tuning the tiny encoder on 64 synthetic images: 8 steps of 8 an epoch, the small-image recipe otherwise
+FT = ["--batch-size", "8", "--subset", "64", "--workers", "0", "--log-every", "1", "--warmup-epochs", "0.5"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def encoder_path(tmp_path_factory):
+    """A tiny MAE pre-trained for one epoch on the synthetic set: its encoder.pth (config.json beside it)."""
+    out = tmp_path_factory.mktemp("mae")
+    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    return out / "encoder.pth"
+
+
+def test_a_run_writes_its_files_and_model_pth_loads_strict_into_timm(encoder_path, tmp_path):
+    """Two epochs: validation top-1 / top-5 in log.jsonl every epoch; last.pth = the last epoch, best.pth = the best
+    one, results.json the final numbers; model.pth loads strict into timm's VisionTransformer (mean pooling: "avg")
+    and gives the fine-tuned classifier's logits. The encoder starts as encoder.pth and the recipe is MAE's."""
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "ft"
+    proc = run_script("finetune.py", "--init", encoder_path, *FT, "--epochs", "2", "--out", out)
+    assert "fine-tune of" in proc.stdout and "(mae vit_nano" in proc.stdout
+    epochs = read_log(out, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["top1"] <= e["top5"] <= 100 for e in epochs)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["top1"], results["top5"]) == (epochs[-1]["top1"], epochs[-1]["top5"])
+    best = max(epochs, key=lambda e: e["top1"])
+    assert results["best"] == {"epoch": best["epoch"], "top1": best["top1"], "top5": best["top5"]}
+    assert load(out / "best.pth")["epoch"] == best["epoch"] and load(out / "last.pth")["epoch"] == 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["layer_decay"], cfg["blr"], cfg["pool"], cfg["model"], cfg["img_size"]) == (0.75, 4e-3, "mean",
+                                                                                           "vit_nano", 16)
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2,
+                                                           num_heads=2, num_classes=12, global_pool="avg")
+    ref.load_state_dict(load(out / "model.pth"), strict=True)
+    source = finetune.read_init(str(encoder_path))
+    encoder, _ = finetune.build_encoder(source, 16)
+    pretrained = load(encoder_path)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in pretrained.items())  # the start: encoder.pth
+    ours = finetune.Classifier(encoder, 12, "mean")
+    ours.load_state_dict(load(out / "last.pth")["model"])
+    imgs = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(ours.eval()(imgs), ref.eval()(imgs), atol=1e-5)
+    assert not torch.equal(ours.encoder.blocks[0].attn.qkv.weight, pretrained["blocks.0.attn.qkv.weight"])  # trained
+
+
+def test_ctrl_c_then_resume_auto_ends_bitwise_as_one_run(encoder_path, tmp_path):
+    """SIGINT mid-epoch, then `--resume auto --out DIR`: the same logged losses and bitwise the same weights as an
+    uninterrupted run (drop path draws from the global generator, mixup from (seed, rank, step))."""
+    args = ["--init", encoder_path, *FT, "--epochs", "6", "--max-steps", "40", "--mixup", "0.8", "--cutmix", "1.0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script("finetune.py", *args, "--out", full)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *map(str, args), "--out", str(part)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (part / "log.jsonl").exists() or len(read_log(part, "step")) < 3:
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    stopped = int(re.search(r"stopped by signal after step (\d+)", stdout).group(1))
+    assert 2 <= stopped < 39
+    run_script("finetune.py", "--resume", "auto", "--out", part, "--max-steps", "40")
+    assert [s["loss"] for s in read_log(part, "step")] == [s["loss"] for s in read_log(full, "step")]
+    a, b = load(full / "model.pth"), load(part / "model.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_stopped_and_resumed_equal_one_run(encoder_path, tmp_path):
+    """torchrun x2 (gloo): stopped after 3 steps and resumed == 6 steps uninterrupted, bitwise."""
+    args = ["--init", encoder_path, *FT, "--epochs", "3", "--max-steps", "6"]  # 64 images / (8 x 2) = 4 steps an epoch
+    full, part = tmp_path / "full", tmp_path / "part"
+
+    def torchrun(*extra):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "finetune.py"),
+                               *map(str, extra)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun(*args, "--out", full)
+    torchrun(*args, "--max-steps", "3", "--out", part)
+    torchrun(*args, "--out", part, "--resume", "auto")
+    assert [s["step"] for s in read_log(full, "step")] == list(range(6))
+    assert {s["step"]: s["loss"] for s in read_log(part, "step")} == {s["step"]: s["loss"] for s in
+                                                                       read_log(full, "step")}
+    a, b = load(full / "model.pth"), load(part / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_linear_probe_trains_only_its_head_and_eval_only_reads_a_checkpoint(encoder_path, tmp_path):
+    """--linear-probe: the encoder's weights stay those of encoder.pth, the head is BatchNorm (no affine) + linear on
+    the cls token, trained by LARS without weight decay at blr 0.1; --eval-only --resume gives the same top-1."""
+    out = tmp_path / "lp"
+    run_script("finetune.py", "--init", encoder_path, "--linear-probe", *FT, "--epochs", "2", "--out", out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["blr"], cfg["weight_decay"], cfg["mixup"], cfg["smoothing"], cfg["drop_path"]) == (0.1, 0, 0, 0, 0)
+    model, pretrained = load(out / "last.pth")["model"], load(encoder_path)
+    assert all(torch.equal(model["encoder." + k], v) for k, v in pretrained.items())
+    assert set(k for k in model if not k.startswith("encoder.")) == {
+        "head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+    top1 = json.loads((out / "results.json").read_text())["top1"]
+    proc = run_script("finetune.py", "--eval-only", "--resume", out / "checkpoint.pth", "--out", tmp_path / "eval")
+    assert f"val top-1 {top1}," in proc.stdout
+
+
+def test_linear_probe_model_trains_the_head_alone(encoder_path):
+    """The probe's encoder takes no gradient (no backward through it); its head reads the normalised cls token."""
+    encoder, _ = finetune.build_encoder(finetune.read_init(str(encoder_path)), 16)
+    probe = finetune.LinearProbe(encoder, 12)
+    trainable = [n for n, p in probe.named_parameters() if p.requires_grad]
+    assert trainable == ["head.1.weight", "head.1.bias"] and probe.pool == "cls"
+    probe.eval()
+    imgs = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(probe(imgs), probe.head(encoder.forward_features(imgs)[:, 0]), atol=1e-6)
+
+
+def test_lars_step_by_hand():
+    """LARS on a matrix: g = grad + wd p, scaled by 0.001 |p| / |g|, then momentum 0.9; a vector (bias) gets neither
+    the decay nor the trust ratio."""
+    w, b = torch.randn(3, 4), torch.randn(3)
+    gw, gb = torch.randn(3, 4), torch.randn(3)
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = finetune.LARS([pw, pb], lr=0.5, weight_decay=0.1)
+    for _ in range(2):
+        pw.grad, pb.grad = gw.clone(), gb.clone()
+        opt.step()
+    mu_w = mu_b = 0
+    for _ in range(2):
+        g = gw + 0.1 * w
+        mu_w = 0.9 * mu_w + g * 0.001 * w.norm() / g.norm()
+        mu_b = 0.9 * mu_b + gb
+        w, b = w - 0.5 * mu_w, b - 0.5 * mu_b
+    assert torch.allclose(pw.detach(), w, atol=1e-6) and torch.allclose(pb.detach(), b, atol=1e-6)
+
+
+def test_init_errors_are_one_line(tmp_path, capsys):
+    """No --init, a missing file, and a file with no config.json beside it: one line each, exit 2."""
+    from common.training import cli
+    for argv, message in (([], "--init is required"), (["--init", str(tmp_path / "nope.pth")], "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            cli(lambda: finetune.main(argv))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "lone.pth")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: finetune.main(["--init", str(tmp_path / "lone.pth")]))
+    assert e.value.code == 2 and "no config.json beside it" in capsys.readouterr().err
