@@ -71,23 +71,16 @@ def read_init(path):
     if not config.is_file():
         raise UserError(f"--init {path}: no config.json beside it to say which method and model wrote it")
     pretrain = json.loads(config.read_text())
-    if pretrain.get("method", _method_of(config)) is None:
-        raise UserError(f"--init {path}: {config} does not say which method wrote it")
-    return Source(str(path), pretrain.get("method", _method_of(config)), pretrain, ckpt, [])
+    if "method" not in pretrain:
+        raise UserError(f"--init {path}: {config} does not say which method wrote it (a run of an older version: add "
+                        f'"method": "<mae, simmim, ...>" to it)')
+    return Source(str(path), pretrain["method"], pretrain, ckpt, [])
 
 
-def _method_of(config):
-    """Our config.json has no `method` field: the run folder's checkpoint or its name (<method>-<data>-<time>) says."""
-    ckpt = config.parent / "checkpoint.pth"
-    if ckpt.is_file():
-        return load_file(ckpt).get("method")
-    name = config.parent.name.split("-")[0]
-    return name if name in METHODS else None
-
-
-def build_encoder(source, img_size):
-    """The method's encoder as its pre-training built it, at `img_size`, with the weights of --init (BEiT-style
-    encoders get one relative position table per block, each a copy of the shared one, as their fine-tuning does)."""
+def build_encoder(source, img_size, random_init=False):
+    """The method's encoder as its pre-training built it, at `img_size`, with the weights of --init, or with its
+    initialisation (`random_init`: the baseline). BEiT-style encoders get one relative position table per block, each
+    a copy of the shared one, as their fine-tuning does."""
     if source.method not in METHODS:
         raise UserError(f"--init {source.path} is a {source.method} encoder; finetune.py fine-tunes "
                         f"{', '.join(METHODS)} (iGPT fine-tunes in igpt.py)")
@@ -99,7 +92,8 @@ def build_encoder(source, img_size):
                         f"position tables is not supported yet; fine-tune at --img-size {pcfg.img_size}")
     encoder = module.build_model(pcfg).encoder
     state_dict_fits(encoder, source.state, f"--init {source.path} does not fit a {source.method} {pcfg.model} encoder")
-    encoder.load_state_dict(source.state)
+    if not random_init:
+        encoder.load_state_dict(source.state)
     if getattr(encoder, "rel_pos_bias", None) is not None:
         encoder.split_rel_pos_bias()
     return encoder, pcfg
@@ -173,6 +167,7 @@ PLAIN = dict(rand_augment=0, erasing=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, 
 class Config(TrainConfig):
     init: str = ""  # the pre-trained encoder: a method's <out>/encoder.pth (or checkpoint.pth), or an official file
     linear_probe: bool = False  # MAE's linear probe: frozen encoder, BatchNorm + linear layer on the cls token, LARS
+    random_init: bool = False  # the baseline: --init's architecture and recipe, its weights as initialised, not loaded
     pool: str = "mean"  # "mean" (patch tokens, then a LayerNorm) or "cls" (the normalised cls token)
     layer_decay: float = 0.65  # layer-wise lr decay: block k of L trains at lr x layer_decay^(L + 1 - k)
     drop_path: float = 0.1  # stochastic depth, linear over the blocks up to this rate
@@ -280,7 +275,7 @@ def main(argv=None):
     if data.steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images"
                         + (f" split over {run.dist.world_size} processes" if run.dist.world_size > 1 else ""))
-    encoder, _ = build_encoder(source, cfg.img_size)
+    encoder, _ = build_encoder(source, cfg.img_size, cfg.random_init)
     encoder.set_drop_path(recipe.drop_path)
     num_classes = train_set.num_classes
     model = (LinearProbe(encoder, num_classes) if cfg.linear_probe else
@@ -289,7 +284,8 @@ def main(argv=None):
     floor = run.global_batch / recipe.lr_batch_div if recipe.scale_floor else 1.0  # SimMIM scales the floors too
     optimizer = build_optimizer(model, cfg, recipe)
     start_epoch, start_step = run.start(model, optimizer)
-    run.log(f"{'linear probe' if cfg.linear_probe else 'fine-tune'} of {source.path} ({source.method} "
+    run.log(f"{'linear probe' if cfg.linear_probe else 'fine-tune'} of {source.path}"
+            f"{' (its architecture, randomly initialised)' if cfg.random_init else ''} ({source.method} "
             f"{source.pretrain['model']}, {len(source.dropped)} keys of the file not used): "
             f"{count_params(model) / 1e6:.2f}M trainable parameters, {num_classes} classes, recipe "
             + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
@@ -349,7 +345,7 @@ def main(argv=None):
     if cfg.eval_only or start_epoch == cfg.epochs:  # nothing trained here: validate what was loaded
         top1, top5 = validate(model, val_loader, run)
     run.save_file(timm_names(model), "model.pth")
-    results = {"init": source.path, "method": source.method, "model": cfg.model,
+    results = {"init": source.path, "random_init": cfg.random_init, "method": source.method, "model": cfg.model,
                "mode": "linear probe" if cfg.linear_probe else "fine-tune", "top1": top1, "top5": top5,
                "best": best, "global_step": run.global_step, "recipe": asdict(recipe)}
     run.write_json("results.json", results)

@@ -73,6 +73,9 @@ class TrainConfig:
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
     eval_only: bool = False  # only evaluate the --resume checkpoint
     eval_every: int = 0  # evaluate (kNN + linear probe) every N epochs, 0 = only at the end
+    # --eval-images: a seeded draw with every class keeping its share. Unset, a --max-steps run (a smoke test) takes
+    # 1000 train / 500 val images, so that its monitors end in about a minute, and any other run takes them all
+    eval_images: typing.Optional[int] = None  # monitors: at most N train and N val images (0 = all; --max-steps: 1000/500)
     finetune_epochs: int = 0  # after pre-training, fine-tune for N epochs (the file's FINETUNE recipe for the input size)
     finetune_baseline: bool = False  # also fine-tune the random-init encoder (same recipe, data and budget)
     max_steps: int = 0  # stop after this many steps in total (smoke tests), 0 = no cap
@@ -93,8 +96,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("patch_size", "workers", "max_steps", "ckpt_every_steps", "subset", "eval_every",
-                     "finetune_epochs", "warmup_epochs", "weight_decay", "min_lr"):
-            if getattr(self, name) < 0:
+                     "finetune_epochs", "warmup_epochs", "weight_decay", "min_lr", "eval_images"):
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise UserError("the learning rate must be positive")
@@ -224,7 +227,7 @@ def saved_config(cls, given):
         ckpt = load_file(resume)
         saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     fields = {f.name for f in dataclasses.fields(cls)}
-    saved = {k: v for k, v in saved.items() if k != "classes"} if isinstance(saved, dict) else None
+    saved = {k: v for k, v in saved.items() if k not in ("method", "classes")} if isinstance(saved, dict) else None
     if saved is None or set(saved) - fields:
         return {}  # another method's run: Run.load names it
     if {"lr", "blr", "batch_size", "accum_iter"} & set(given):
@@ -505,11 +508,12 @@ class NonFiniteError(Exception):
 
 
 class StopSignal:
-    """SIGTERM / SIGINT (cluster preemption, Ctrl-C): the first asks the loop to finish its step, save and exit;
-    a second one exits at once."""
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C): the first asks the loop to finish its step, save and exit (the
+    monitors at the end of a run: to stop at their next batch); a second one exits at once."""
 
     def __init__(self, log):
         self.requested, self.log = False, log
+        self.action = "finishing this step, then saving a checkpoint"  # what the first signal does, for its message
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
@@ -519,8 +523,7 @@ class StopSignal:
             os.kill(os.getpid(), signum)
             return
         self.requested = True
-        self.log(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                 f"(send it again to exit at once)")
+        self.log(f"received {signal.Signals(signum).name}: {self.action} (send it again to exit at once)")
 
 
 class NonFiniteGuard:
@@ -619,8 +622,8 @@ class Run:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             classes = class_list(self.cfg.data, self.cfg.data_path)  # what the labels 0, 1, ... of every split mean
-            (self.out / "config.json").write_text(json.dumps({**asdict(self.cfg), **({"classes": classes} if classes
-                                                                                      else {})}, indent=2) + "\n")
+            saved = {"method": self.method, **asdict(self.cfg), **({"classes": classes} if classes else {})}
+            (self.out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
             self.log_file = open(self.out / "log.jsonl", "a")
         if self.preset:
             self.log(f"preset for {self.cfg.data}: " + ", ".join(f"{k}={v}" for k, v in self.preset.items()))

@@ -55,6 +55,9 @@ def test_a_run_writes_its_files_and_model_pth_loads_strict_into_timm(encoder_pat
     encoder, _ = finetune.build_encoder(source, 16)
     pretrained = load(encoder_path)
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in pretrained.items())  # the start: encoder.pth
+    baseline, _ = finetune.build_encoder(source, 16, random_init=True)  # --random-init: the same model, initialised
+    assert baseline.state_dict().keys() == encoder.state_dict().keys()
+    assert not torch.equal(baseline.blocks[0].attn.qkv.weight, pretrained["blocks.0.attn.qkv.weight"])
     ours = finetune.Classifier(encoder, 12, "mean")
     ours.load_state_dict(load(out / "last.pth")["model"])
     imgs = torch.randn(3, 3, 16, 16)
