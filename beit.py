@@ -573,8 +573,8 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(record, path)
 
-    def capped(steps):  # --max-steps caps stage 1 only when stage 1 is all this run does
-        return cfg.stage == "tokenizer" and 0 < cfg.max_steps <= steps
+    def capped(steps):  # --max-steps caps stage 1 too (then stage 2 runs at most as many steps on this tokenizer)
+        return 0 < cfg.max_steps <= steps
 
     stats = {}
     for epoch in range(start_epoch, cfg.tokenizer_epochs):
@@ -586,7 +586,7 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
         t0, steps, stopped = time.perf_counter(), 0, False
         for step, ((_, view), _) in enumerate(data.epoch(epoch, start_step), start_step):
             it = epoch * data.steps_per_epoch + step
-            stopped = capped(it)  # --stage tokenizer --max-steps: stop before this step; a later run continues
+            stopped = capped(it)  # --max-steps: stop before this step; a later run continues
             if stopped:
                 break
             lr = set_lr(optimizer, cfg.tokenizer_min_lr + (cfg.tokenizer_lr - cfg.tokenizer_min_lr) * 0.5 * (
@@ -623,7 +623,9 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
         bar.close()
         if stopped:
             save(epoch, step, False, stats)
-            run.log(f"stage 1 stopped after {it} steps (--max-steps); run again to continue {path}")
+            run.log(f"stage 1 stopped after {it} steps (--max-steps); " + (
+                f"run again to continue {path}" if cfg.stage == "tokenizer" else
+                f"pre-training goes on with this unfinished tokenizer (a smoke run)"))
             break
         start_step = 0
         run.guard.check()

@@ -727,13 +727,14 @@ def finetune_joint(model, run, epochs):
 
 
 def report_igpt(model, run):
-    """End of a run: the per-layer monitors (with the random-init baseline), the model file (palette included)
-    and results.json, then the optional fine-tuning (results.json is rewritten with it)."""
+    """End of a run: the model file (palette included) at once, then the per-layer monitors (with the random-init
+    baseline) and results.json, then the optional fine-tuning (results.json is rewritten with it)."""
     cfg = run.cfg
+    run.save_file(model.state_dict(), "encoder.pth")
+    run.log(f"wrote {run.out}/encoder.pth; the per-layer monitors next")
     results = {"method": "igpt", "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
                "n_px": cfg.res, "palette_size": model.vocab_size, "global_step": run.global_step,
                "final_loss": run.last_loss, "eval": layer_monitors(model, run)}
-    run.save_file(model.state_dict(), "encoder.pth")
     run.write_json("results.json", results)
     if cfg.finetune_epochs:
         results["finetune"] = finetune_joint(model, run, cfg.finetune_epochs)
@@ -742,7 +743,7 @@ def report_igpt(model, run):
             results["finetune_random_init"] = finetune_joint(random_init(model, run), run, cfg.finetune_epochs)
             run.log(f"fine-tune from random init: {results['finetune_random_init']}")
         run.write_json("results.json", results)
-    run.log(f"wrote {run.out}/results.json and encoder.pth")
+    run.log(f"wrote {run.out}/results.json")
     return results
 
 

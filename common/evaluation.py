@@ -10,7 +10,9 @@ import copy
 import math
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 
 from .data import (IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, finetune_transform, ignore_stop_signals, mix_seed,
-                   seeded_rng)
-from .training import barrier, cosine_lr, progress, set_lr
+                   seeded_rng, stratified_indices)
+from .training import Preempted, barrier, cosine_lr, progress, set_lr
 from .vit import layer_norm
 
 
@@ -41,12 +43,16 @@ def shard(loader, rank, world):
 @torch.no_grad()
 def extract_features(encoder, loader, run):
     """Frozen features of a whole labelled split, computed in shards over the ranks and gathered on every rank.
-    Returns (cls token [N, D], mean of patch tokens [N, D], labels [N]), float32 on the device."""
+    Returns (cls token [N, D], mean of patch tokens [N, D], labels [N]), float32 on the device. A stop signal ends
+    a rank's loop at the next batch (the gather still happens, so the ranks stay in step): the caller then sees
+    stop_agreed() and drops the features."""
     was_training = encoder.training
     encoder.eval()
     cls_f, mean_f, labels = [], [], []
     batches = shard(loader, run.dist.rank, run.dist.world_size)
     for imgs, y in progress(batches, run.is_main, desc="features"):
+        if stop_requested(run):
+            break
         with run.autocast():
             tokens = encoder.forward_features(imgs.to(run.device, non_blocking=True))  # [B, 1+N, D]
         cls_f.append(tokens[:, 0].float())
@@ -78,13 +84,16 @@ def gather_rows(t, world):
 #                                                kNN and linear probe                                                #
 # ---------------------------------------------------------------------------------------------------------------- #
 @torch.no_grad()
-def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, chunk=1024):
+def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, chunk=1024, stop=None):
     """Weighted kNN on cosine similarity (InstDisc / DINO protocol): the k nearest training features vote for
-    their label with weight exp(similarity / T). Returns top-1 accuracy in %."""
+    their label with weight exp(similarity / T). Returns top-1 accuracy in %, or None when `stop()` (asked between
+    chunks) said to stop."""
     train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     k = min(k, len(train_x))
     correct = 0
     for start in range(0, len(test_x), chunk):
+        if stop is not None and stop():
+            return None
         sim = test_x[start: start + chunk] @ train_x.T  # [b, N_train]
         top_sim, top_idx = sim.topk(k, dim=1)  # [b, k]
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
@@ -93,11 +102,13 @@ def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperatur
     return 100.0 * correct / max(len(test_x), 1)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=1024, blr=0.1, seed=0):
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=1024, blr=0.1, seed=0,
+                 stop=None):
     """The MAE linear-probe head on frozen features: BatchNorm1d without affine (eps 1e-6) + Linear (std 0.01),
     SGD momentum 0.9, lr = blr x batch / 256 with 10 % warm-up then cosine, no weight decay.
     official (MAE): LARS, 90 epochs over augmented images at batch 16384; we: plain SGD on features computed
-    once without augmentation (fast enough to run at every evaluation). Returns top-1 accuracy in %."""
+    once without augmentation (fast enough to run at every evaluation). Returns top-1 accuracy in %, or None when
+    `stop()` (asked before every step) said to stop."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
                          nn.Linear(train_x.shape[1], num_classes)).to(train_x.device)
@@ -111,6 +122,8 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=g).to(train_x.device)
         for i in range(steps):
+            if stop is not None and stop():
+                return None
             set_lr(opt, cosine_lr(epoch + i / steps, lr, 0.0, epochs / 10, epochs))
             idx = order[i * batch_size: (i + 1) * batch_size]  # [b]
             loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
@@ -123,21 +136,79 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch
     return 100.0 * (pred == test_y).float().mean().item()
 
 
+MONITORS = ("knn_cls", "linear_cls", "knn_mean", "linear_mean")  # what probe() measures of an encoder, in its order
+SMOKE_EVAL_IMAGES = (1000, 500)  # (train, val) images of the monitors of a --max-steps run without --eval-images
+
+
+def stop_requested(run):
+    """Whether a stop signal (SIGTERM / SIGINT, Run.stop) has reached this process; a run-like object without a
+    handler (tests, tools) never stops."""
+    stop = getattr(run, "stop", None)
+    return bool(stop is not None and stop.requested)
+
+
+def stop_agreed(run):
+    """stop_requested on any rank, agreed by all: every rank calls it at the same point of the monitors."""
+    stop = stop_requested(run)
+    if run.dist.world_size > 1:
+        flag = torch.tensor(float(stop), device=run.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
+
+
 def probe(encoder, train_loader, val_loader, num_classes, run):
-    """kNN and linear-probe accuracy (%) of one encoder, for the cls token and the mean-pooled patch tokens."""
-    tr_cls, tr_mean, tr_y = extract_features(encoder, train_loader, run)
-    va_cls, va_mean, va_y = extract_features(encoder, val_loader, run)
+    """kNN and linear-probe accuracy (%) of one encoder, for the cls token and the mean-pooled patch tokens
+    (MONITORS). A stop signal ends it at the next batch, chunk or step: it returns what it finished."""
     results = {}
-    if run.is_main:
-        for name, tr, va in (("cls", tr_cls, va_cls), ("mean", tr_mean, va_mean)):
-            results[f"knn_{name}"] = round(knn_accuracy(tr, tr_y, va, va_y, num_classes), 2)
-            results[f"linear_{name}"] = round(linear_probe(tr, tr_y, va, va_y, num_classes, seed=run.cfg.seed), 2)
+    if stop_agreed(run):
+        return results
+    tr_cls, tr_mean, tr_y = extract_features(encoder, train_loader, run)
+    if stop_agreed(run):
+        return results
+    va_cls, va_mean, va_y = extract_features(encoder, val_loader, run)
+    if stop_agreed(run) or not run.is_main:
+        return results
+    # rank 0 alone from here (the next stop_agreed tells the others); a run without a signal handler has no stop
+    stop = {"stop": partial(stop_requested, run)} if getattr(run, "stop", None) is not None else {}
+    for name, tr, va in (("cls", tr_cls, va_cls), ("mean", tr_mean, va_mean)):
+        knn = knn_accuracy(tr, tr_y, va, va_y, num_classes, **stop)
+        if knn is None:
+            break
+        results[f"knn_{name}"] = round(knn, 2)
+        linear = linear_probe(tr, tr_y, va, va_y, num_classes, seed=run.cfg.seed, **stop)
+        if linear is None:
+            break
+        results[f"linear_{name}"] = round(linear, 2)
     return results
+
+
+def eval_image_caps(cfg):
+    """(train, val): the most images of each split the monitors see, 0 = all. --eval-images N: N and N; unset, a
+    --max-steps run (a smoke test) takes SMOKE_EVAL_IMAGES, so that its monitors end in about a minute on a CPU, and
+    any other run evaluates everything."""
+    n = getattr(cfg, "eval_images", None)
+    if n is not None:
+        return n, n
+    return SMOKE_EVAL_IMAGES if getattr(cfg, "max_steps", 0) else (0, 0)
+
+
+def capped(loader, n, seed):
+    """`loader` over a seeded draw of n of its images with every class keeping its share (stratified_indices, the
+    draw of --subset), in dataset order; the loader itself when n is 0 or not below its size."""
+    ds = loader.dataset
+    if not n or n >= len(ds):
+        return loader
+    part = Subset(ds, stratified_indices(ds.labels, n, seed).tolist())
+    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, generator=torch.Generator())
 
 
 def evaluate(encoder, random_encoder, run):
     """Monitors of the encoder and of the same encoder at random initialisation, on the dataset's labelled
-    train/val split. Returns {} (and says so) for data without labels."""
+    train/val split (at most eval_image_caps of each). Returns {} (and says so) for data without labels. A stop
+    signal ends them at the next batch: the result then holds what finished and, under "skipped", the names
+    ("pretrained/linear_mean", ...) of what did not."""
     cfg = run.cfg
     train_loader = build_eval_loader(cfg, "train", run.dist)
     val_loader = build_eval_loader(cfg, "val", run.dist)
@@ -146,14 +217,27 @@ def evaluate(encoder, random_encoder, run):
         return {}
     t = time.perf_counter()
     num_classes = train_loader.dataset.num_classes
+    sizes = len(train_loader.dataset), len(val_loader.dataset)
+    (train_cap, val_cap), seed = eval_image_caps(cfg), getattr(cfg, "seed", 0)
+    train_loader, val_loader = capped(train_loader, train_cap, seed), capped(val_loader, val_cap, seed)
+    if (len(train_loader.dataset), len(val_loader.dataset)) != sizes:
+        run.log(f"monitors on {len(train_loader.dataset)} of {sizes[0]} train and {len(val_loader.dataset)} of "
+                f"{sizes[1]} val images (" + ("--eval-images" if getattr(cfg, "eval_images", None) is not None
+                                              else "the cap of a --max-steps run; --eval-images 0 for all") + ")")
     results = {"pretrained": probe(encoder, train_loader, val_loader, num_classes, run),
                "random_init": probe(random_encoder, train_loader, val_loader, num_classes, run)}
     barrier()
     if run.is_main:
+        skipped = [f"{name}/{key}" for name, got in results.items() for key in MONITORS if key not in got]
         p, r = results["pretrained"], results["random_init"]
-        run.log(f"eval ({time.perf_counter() - t:.0f}s): kNN cls {p['knn_cls']} / mean {p['knn_mean']}, linear cls "
-                f"{p['linear_cls']} / mean {p['linear_mean']}  (random init: kNN {r['knn_cls']} / {r['knn_mean']}, "
-                f"linear {r['linear_cls']} / {r['linear_mean']})")
+        if skipped:
+            results["skipped"] = skipped
+            run.log(f"eval stopped by a signal after {time.perf_counter() - t:.0f}s: pretrained {p}, random init "
+                    f"{r}; skipped {', '.join(skipped)}")
+        else:
+            run.log(f"eval ({time.perf_counter() - t:.0f}s): kNN cls {p['knn_cls']} / mean {p['knn_mean']}, linear "
+                    f"cls {p['linear_cls']} / mean {p['linear_mean']}  (random init: kNN {r['knn_cls']} / "
+                    f"{r['knn_mean']}, linear {r['linear_cls']} / {r['linear_mean']})")
     return results
 
 
@@ -409,25 +493,54 @@ def initial_encoder(build_model, run):
         return build_model(run.cfg).encoder.to(run.device)
 
 
+@contextmanager
+def stop_action(run, action):
+    """Inside: a stop signal's message says `action` (StopSignal.action) rather than the training loop's."""
+    stop = getattr(run, "stop", None)
+    before = stop.action if stop is not None else None
+    if stop is not None:
+        stop.action = action
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop.action = before
+
+
 def monitors(encoder, build_model, run):
     """evaluate() of the encoder next to its baseline, the encoder at its initialisation. Every random draw of the
     evaluation (the probe heads' init) happens in a fork of the generators: a run with --eval-every trains exactly
     as one without."""
     baseline = initial_encoder(build_model, run)
-    with seeded_rng(mix_seed(run.cfg.seed, run.dist.rank, 2), run.device):
+    with seeded_rng(mix_seed(run.cfg.seed, run.dist.rank, 2), run.device), \
+            stop_action(run, "stopping the monitors at the next batch, then writing results.json"):
         return evaluate(encoder, baseline, run)
 
 
 def report(method, encoder, build_model, run, finetune_table=None):
-    """End of a run: the monitors (with the random-init baseline), encoder.pth (timm names) and results.json --
-    written before any fine-tuning, so a failure there loses neither -- then the optional fine-tuning (and its
-    random-init baseline with --finetune-baseline), added to results.json."""
+    """End of a run: encoder.pth (timm names) at once, then the monitors (with the random-init baseline) and
+    results.json -- both before any fine-tuning, so a failure there loses neither -- then the optional fine-tuning
+    (and its random-init baseline with --finetune-baseline), added to results.json. A stop signal during the
+    monitors stops them at the next batch: results.json holds what finished and says what did not ("stopped"),
+    and the process ends as a preempted run does (exit 0), without fine-tuning."""
     cfg = run.cfg
+    run.save_file(encoder.state_dict(), "encoder.pth")
+    run.log(f"wrote {run.out}/encoder.pth; the monitors (kNN and linear probe, pre-trained and random init) next")
     results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
                "final_loss": run.last_loss, "eval": monitors(encoder, build_model, run)}
-    run.save_file(encoder.state_dict(), "encoder.pth")
+    skipped = results["eval"].pop("skipped", [])
+    stopped = stop_agreed(run) and bool(skipped or cfg.finetune_epochs)  # (a signal that cut nothing short: done)
+    if stopped:
+        results["stopped"] = "a stop signal during the monitors: " + "; ".join(
+            ([f"skipped {', '.join(skipped)}"] if skipped else []) + (["fine-tuning not run"] if cfg.finetune_epochs
+                                                                      else []))
     run.write_json("results.json", results)
-    run.log(f"wrote {run.out}/results.json and encoder.pth")
+    run.log(f"wrote {run.out}/results.json")
+    if stopped:
+        run.log(f"stopped by signal during the monitors; {run.out}/encoder.pth and results.json are written. Run the "
+                f"monitors again with --eval-only --resume auto --out {run.out}")
+        barrier()
+        raise Preempted()
     if cfg.finetune_epochs:
         recipe = finetune_recipe(finetune_table or {}, cfg)
         tuned = {"epochs": cfg.finetune_epochs, "recipe": asdict(recipe),
