@@ -181,7 +181,7 @@ class Config(TrainConfig):
     blr: float = 5e-4  # base learning rate: lr = blr x global batch / 256 (SiT's recipe: / 512)
     min_lr: float = 1e-6  # floor of the cosine
     lr_batch_div: int = 256  # the global batch blr is quoted for
-    hidden = ("finetune_epochs", "finetune_baseline", "eval_every", "resident")  # pre-training's flags
+    hidden = ("finetune_epochs", "finetune_baseline", "eval_every", "eval_images", "resident")  # pre-training flags
 
     def check(self):
         super().check()

@@ -218,8 +218,8 @@ def evaluate(encoder, random_encoder, run):
     t = time.perf_counter()
     num_classes = train_loader.dataset.num_classes
     sizes = len(train_loader.dataset), len(val_loader.dataset)
-    (train_cap, val_cap), seed = eval_image_caps(cfg), getattr(cfg, "seed", 0)
-    train_loader, val_loader = capped(train_loader, train_cap, seed), capped(val_loader, val_cap, seed)
+    train_cap, val_cap = eval_image_caps(cfg)
+    train_loader, val_loader = capped(train_loader, train_cap, cfg.seed), capped(val_loader, val_cap, cfg.seed)
     if (len(train_loader.dataset), len(val_loader.dataset)) != sizes:
         run.log(f"monitors on {len(train_loader.dataset)} of {sizes[0]} train and {len(val_loader.dataset)} of "
                 f"{sizes[1]} val images (" + ("--eval-images" if getattr(cfg, "eval_images", None) is not None
@@ -493,6 +493,9 @@ def initial_encoder(build_model, run):
         return build_model(run.cfg).encoder.to(run.device)
 
 
+STOP_MONITORS = "stopping the monitors at the next batch, then writing results.json"  # (StopSignal.action)
+
+
 @contextmanager
 def stop_action(run, action):
     """Inside: a stop signal's message says `action` (StopSignal.action) rather than the training loop's."""
@@ -511,10 +514,10 @@ def monitors(encoder, build_model, run):
     """evaluate() of the encoder next to its baseline, the encoder at its initialisation. Every random draw of the
     evaluation (the probe heads' init) happens in a fork of the generators: a run with --eval-every trains exactly
     as one without."""
-    baseline = initial_encoder(build_model, run)
-    with seeded_rng(mix_seed(run.cfg.seed, run.dist.rank, 2), run.device), \
-            stop_action(run, "stopping the monitors at the next batch, then writing results.json"):
-        return evaluate(encoder, baseline, run)
+    with stop_action(run, STOP_MONITORS):
+        baseline = initial_encoder(build_model, run)
+        with seeded_rng(mix_seed(run.cfg.seed, run.dist.rank, 2), run.device):
+            return evaluate(encoder, baseline, run)
 
 
 def report(method, encoder, build_model, run, finetune_table=None):
@@ -525,9 +528,10 @@ def report(method, encoder, build_model, run, finetune_table=None):
     and the process ends as a preempted run does (exit 0), without fine-tuning."""
     cfg = run.cfg
     run.save_file(encoder.state_dict(), "encoder.pth")
-    run.log(f"wrote {run.out}/encoder.pth; the monitors (kNN and linear probe, pre-trained and random init) next")
-    results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
-               "final_loss": run.last_loss, "eval": monitors(encoder, build_model, run)}
+    with stop_action(run, STOP_MONITORS):
+        run.log(f"wrote {run.out}/encoder.pth; the monitors (kNN and linear probe, pre-trained and random init) next")
+        results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
+                   "final_loss": run.last_loss, "eval": monitors(encoder, build_model, run)}
     skipped = results["eval"].pop("skipped", [])
     stopped = stop_agreed(run) and bool(skipped or cfg.finetune_epochs)  # (a signal that cut nothing short: done)
     if stopped:

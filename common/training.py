@@ -75,7 +75,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate (kNN + linear probe) every N epochs, 0 = only at the end
     # --eval-images: a seeded draw with every class keeping its share. Unset, a --max-steps run (a smoke test) takes
     # 1000 train / 500 val images, so that its monitors end in about a minute, and any other run takes them all
-    eval_images: typing.Optional[int] = None  # monitors: at most N train and N val images (0 = all; --max-steps: 1000/500)
+    eval_images: typing.Optional[int] = None  # monitors: <= N train and N val images (0 = all; 1000/500 with --max-steps)
     finetune_epochs: int = 0  # after pre-training, fine-tune for N epochs (the file's FINETUNE recipe for the input size)
     finetune_baseline: bool = False  # also fine-tune the random-init encoder (same recipe, data and budget)
     max_steps: int = 0  # stop after this many steps in total (smoke tests), 0 = no cap

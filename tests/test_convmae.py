@@ -374,7 +374,7 @@ def test_bad_sizes_are_one_clear_error():
 
 def cli_run_standin(out):
     """The config of a finished CLI run and what common/evaluation.py needs of its Run, on this process's CPU."""
-    cfg = Config(**json.loads((out / "config.json").read_text()))
+    cfg = Config(**{k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "method"})
     device = torch.device("cpu")
     amp = resolve_amp(cfg.amp, device)
     logs = []

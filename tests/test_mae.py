@@ -287,7 +287,7 @@ def assert_main_follows_the_recipe(module, tmp_path, monkeypatch, argv, hand_los
     assert cfg["lr"] == pytest.approx(peak)
     assert [s["lr"] for s in read_log(out, "step")] == pytest.approx(expected_lrs(peak), rel=1e-9)
     with seeded_rng(0):
-        model = module.build_model(module.Config(**{k: v for k, v in cfg.items() if k != "lr"}))
+        model = module.build_model(module.Config(**{k: v for k, v in cfg.items() if k not in ("lr", "method")}))
     assert all(torch.equal(v, calls[0]["state"][k]) for k, v in model.state_dict().items())  # the seed's init
     model.train()
     loss = (hand_loss(model, calls[0]["imgs"], calls[0]["seed"]) + hand_loss(model, calls[1]["imgs"], calls[1]["seed"]))
@@ -327,7 +327,7 @@ def recompute_monitors(module, out):
     """The monitors of a finished CLI run, computed again here from its encoder.pth and config.json through
     common.evaluation.monitors (the baseline: the encoder the seed initialises)."""
     cfg_dict = json.loads((out / "config.json").read_text())
-    cfg = module.Config(**cfg_dict)
+    cfg = module.Config(**{k: v for k, v in cfg_dict.items() if k != "method"})
     device = torch.device("cpu")
     amp = resolve_amp(cfg.amp, device)
     run = SimpleNamespace(cfg=cfg, dist=Dist(0, 1, 0, device), device=device, is_main=True, log=lambda *a: None,
