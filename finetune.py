@@ -22,6 +22,7 @@ augmentation and no model EMA (DeiT); the validation transform is the ImageNet p
 plain resize for images no larger than the input.
 Results: docs/RESULTS.md#fine-tuning
 """
+import argparse
 import importlib
 import json
 import math
@@ -33,14 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import UserError
 from common.data import DATASETS, LoaderData, build_eval_loader, finetune_transform, mix_seed, run_dataset
 from common.evaluation import (Classifier, FinetuneRecipe, finetune_lr, layer_decay_groups, mix_batch, shard,
                                soft_target_cross_entropy)
 from common.training import (Run, TrainConfig, cli, given_settings, load_file, progress, resolve_config,
-                             set_grad_sync, set_lr, state_dict_fits)
-from common.vit import count_params
+                             set_grad_sync, set_lr)
+from common.vit import VIT_SIZES, count_params, sincos_pos_embed_2d
+from convmae import CONVMAE_SIZES
 
 METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae")  # the methods whose encoders fine-tune here
 
@@ -50,53 +53,382 @@ METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae")  # the methods wh
 # ---------------------------------------------------------------------------------------------------------------- #
 @dataclass
 class Source:
-    """What --init holds: the method, its pre-training config (the fields its encoder is built from) and the encoder's
-    state dict in our names; `dropped`: the keys of the file that are not the encoder's (decoder, heads, ...)."""
+    """What --init holds: the method, its pre-training config (the fields its encoder is built from), its state dict
+    and its layout (LAYOUTS: "ours" or the official code base that wrote it)."""
     path: str
     method: str
     pretrain: dict
     state: dict
-    dropped: list
+    layout: str
 
 
 def read_init(path):
-    """--init -> Source. Our encoder.pth (the config.json beside it names the method and its settings), or a
-    checkpoint.pth of our pre-training (its encoder part)."""
-    ckpt = load_file(path, "--init")
+    """--init -> Source. Our encoder.pth (the config.json beside it names the method and its settings), a
+    checkpoint.pth of our pre-training (its encoder part), or an official checkpoint (recognised by its keys)."""
+    ckpt = load_official(path)
     if isinstance(ckpt, dict) and "method" in ckpt and "config" in ckpt and "model" in ckpt:  # our checkpoint.pth
         encoder = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        dropped = [k for k in ckpt["model"] if not k.startswith("encoder.")]
-        return Source(str(path), ckpt["method"], ckpt["config"], encoder, dropped)
+        return Source(str(path), ckpt["method"], ckpt["config"], encoder, "ours")
+    state, _ = unwrap(ckpt)
+    layout = recognise(state)
     config = Path(path).parent / "config.json"
-    if not config.is_file():
-        raise UserError(f"--init {path}: no config.json beside it to say which method and model wrote it")
-    pretrain = json.loads(config.read_text())
-    if "method" not in pretrain:
-        raise UserError(f"--init {path}: {config} does not say which method wrote it (a run of an older version: add "
-                        f'"method": "<mae, simmim, ...>" to it)')
-    return Source(str(path), pretrain["method"], pretrain, ckpt, [])
+    if layout == "ours" and config.is_file():
+        pretrain = json.loads(config.read_text())
+        if "method" not in pretrain:
+            raise UserError(f"--init {path}: {config} does not say which method wrote it (a run of an older "
+                            f'version: add "method": "<mae, simmim, ...>" to it)')
+        return Source(str(path), pretrain["method"], pretrain, state, layout)
+    arch = describe(state, layout)
+    # an encoder-only file without its config.json: MAE's release has our names and the sin-cos table
+    method = arch["method"] or ("mae" if arch["pos_embed"] == "sincos" and not arch["qv_bias"] else None)
+    if method is None:
+        raise UserError(f"--init {path}: an encoder with no config.json beside it to say which method wrote it")
+    pretrain = {"model": arch["model"], "patch_size": arch["patch_size"],
+                "img_size": arch["grid"][0] * arch["patch_size"]}
+    return Source(str(path), method, pretrain, state, layout)
+
+
+def load_official(path):
+    """torch.load of --init with weights only: tensors and plain data, plus the argparse.Namespace of their `args`
+    that the official scripts save beside the weights."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return load_file(path, "--init")
+    except UserError as e:
+        raise UserError(f"{e}. A checkpoint holding other objects (SimMIM's saves its yacs config): save its weights "
+                        f"alone, torch.save(torch.load(PATH, weights_only=False)['model'], 'weights.pth'), and pass "
+                        f"that") from None
 
 
 def build_encoder(source, img_size, random_init=False):
-    """The method's encoder as its pre-training built it, at `img_size`, with the weights of --init, or with its
+    """(encoder, the keys of --init it does not use). The method's encoder as its pre-training built it, at
+    `img_size`, with the weights of --init, or with its
     initialisation (`random_init`: the baseline). BEiT-style encoders get one relative position table per block, each
-    a copy of the shared one, as their fine-tuning does."""
+    a copy of the shared one, as their fine-tuning does; position tables are resized to another input size."""
     if source.method not in METHODS:
         raise UserError(f"--init {source.path} is a {source.method} encoder; finetune.py fine-tunes "
                         f"{', '.join(METHODS)} (iGPT fine-tunes in igpt.py)")
     module = importlib.import_module(source.method)
     names = {f.name for f in fields(module.Config)}
-    pcfg = module.Config(**{k: v for k, v in source.pretrain.items() if k in names})
-    if img_size != pcfg.img_size:
-        raise UserError(f"--img-size {img_size}: {source.path} was pre-trained at {pcfg.img_size} px, and resizing its "
-                        f"position tables is not supported yet; fine-tune at --img-size {pcfg.img_size}")
+    pcfg = module.Config(**{**{k: v for k, v in source.pretrain.items() if k in names}, "img_size": img_size})
     encoder = module.build_model(pcfg).encoder
-    state_dict_fits(encoder, source.state, f"--init {source.path} does not fit a {source.method} {pcfg.model} encoder")
-    if not random_init:
-        encoder.load_state_dict(source.state)
     if getattr(encoder, "rel_pos_bias", None) is not None:
         encoder.split_rel_pos_bias()
-    return encoder, pcfg
+    dropped = []
+    if not random_init:
+        state, dropped = to_encoder_state(source.state, source.layout, encoder.state_dict())
+        encoder.load_state_dict(state)
+    return encoder, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                    officially released checkpoints                                                 #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Load the pre-training checkpoints that the official code bases released into this project's encoders.
+#
+# Each official repository saves its pre-training model in its own way: nested under "model" or "student"/"teacher",
+# with a "module." or "encoder." prefix, under its own names, and together with the pieces that only pre-training uses
+# (decoders, mask tokens, LM heads, projection heads). To fine-tune such a file we unwrap it, recognise which code base
+# wrote it, read off which encoder it needs, and map its keys onto that encoder's state dict *strictly*: every key of
+# the encoder is filled and every key of the file is placed or reported as dropped, so that a wrong file fails loudly
+# instead of fine-tuning a half-random network (the official loaders use strict=False).
+#
+# Layouts (the names, nestings and shapes of each are in tests/data/official_keys/<layout>.json, dumped from the
+# official model classes built at a tiny size; "_meta" there says which file, commit and class):
+#   ours     this project's encoder.pth (common/evaluation.py report()): timm ViT names, or our ConvViT's
+#   mae      facebookresearch/mae   {"model": ...}        MaskedAutoencoderViT: encoder + mask token + decoder_*
+#   simmim   microsoft/SimMIM       {"model": ...}        "encoder." ViT with its mask token + decoder.0 (1x1 conv)
+#   beit     microsoft/unilm beit   {"model": ...}        ViT with a shared rel-pos table + mask token + lm_head
+#   beit2    microsoft/unilm beit2  {"model": ...}        BEiT's + cls_pt_layers (patch aggregation)
+#   convmae  Alpha-VL/ConvMAE       {"model": ...}        patch_embed1-4, blocks1-3 + fusion convs + decoder_*
+#   sit      Sara-Ahmed/SiT         {"student", "teacher"} "module.backbone." ViT + "module.head" / "module.head_recons"
+# The encoder-only MAE release (mae_pretrain_vit_*.pth) already has our names, so it is recognised as "ours".
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+NUM_CLS_ENTRIES = 3  # the last rows of a rel-pos table: cls->token, token->cls, cls->cls (common/vit.py)
+# Where a saved checkpoint keeps its model, in order of preference. "teacher" before "student": SiT has no fine-tuning
+# code at HEAD, and the DINO code it derives from evaluates the teacher (eval_linear.py --checkpoint_key teacher).
+# "model" before "module" as BEiT's fine-tuning (--model_key 'model|module'); "SiT_model" is GMML's (main.py).
+CHECKPOINT_KEYS = ("teacher", "model", "module", "state_dict", "SiT_model", "student")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one code base's file names our encoder's keys: what marks it, what to strip, drop and rename."""
+    marker: str  # a name prefix that only this layout's files have (after any "module." is stripped)
+    strip: tuple = ()  # prefixes removed from every name that has them
+    drop: tuple = ()  # name prefixes (after stripping) of the pieces only pre-training uses
+    rename: tuple = ()  # (official prefix, our prefix) pairs
+
+
+CONVMAE_RENAMES = (*((f"patch_embed{i}.", f"patch_embed.patch_embed{i}.") for i in (1, 2, 3, 4)),
+                   ("blocks1.", "patch_embed.blocks1."), ("blocks2.", "patch_embed.blocks2."), ("blocks3.", "blocks."))
+LAYOUTS = {  # recognise() tries them in this order: the first whose marker is present wins
+    # official: the teacher/student is DDP(FullPipline(backbone, head, head_recons)) (main.py L125-137)
+    "sit": Layout("backbone.", strip=("backbone.",), drop=("head.", "head_recons.")),
+    # official fine-tuning keeps only "encoder.*" (utils.py load_pretrained): the mask token sits in the encoder
+    "simmim": Layout("encoder.mask_token", strip=("encoder.",), drop=("mask_token", "decoder.")),
+    # official: the released ConvMAE-B file has no mask token, decoder or fusion convs; a checkpoint-*.pth has them
+    "convmae": Layout("patch_embed1.", rename=CONVMAE_RENAMES,
+                      drop=("mask_token", "decoder_", "stage1_output_decode.", "stage2_output_decode.")),
+    # cls_pt_norm / cls_pt_lm_head exist only with --shared_lm_head False
+    "beit2": Layout("cls_pt_layers.", drop=("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.",
+                                            "cls_pt_lm_head.")),
+    "beit": Layout("lm_head.", drop=("mask_token", "lm_head.")),
+    "mae": Layout("decoder_embed.", drop=("mask_token", "decoder_")),
+    "ours": Layout("blocks.0.norm1."),
+}
+
+
+def unwrap(ckpt):
+    """A loaded checkpoint -> (flat state dict of tensors, where it was: "model", "teacher", "" for a plain one).
+
+    The official scripts save the model beside the optimizer, epoch and args ({"model": ...}; SiT {"student": ...,
+    "teacher": ...}); this finds it by the keys of CHECKPOINT_KEYS, one level after another ("state_dict" of
+    "model" -> "state_dict.model")."""
+    where = []
+    while isinstance(ckpt, dict) and not all(torch.is_tensor(v) for v in ckpt.values()):
+        key = next((k for k in CHECKPOINT_KEYS if isinstance(ckpt.get(k), dict)), None)
+        if key is None:
+            keys = [str(k) for k in ckpt]
+            raise UserError(f"no model state dict in this checkpoint: none of {', '.join(CHECKPOINT_KEYS)} among its "
+                            f"{len(keys)} top-level keys ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
+        where.append(key)
+        ckpt = ckpt[key]
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise UserError(f"not a checkpoint of model weights: found {type(ckpt).__name__} "
+                        f"{'under ' + '.'.join(where) if where else 'at the top level'}")
+    return dict(ckpt), ".".join(where)
+
+
+def recognise(state_dict):
+    """The layout of an unwrapped state dict (a key of LAYOUTS), from the names only its code base saves.
+
+    A state dict that no layout claims raises UserError with one line naming its first keys and their count."""
+    names = [name.removeprefix("module.") for name in state_dict]
+    for layout, spec in LAYOUTS.items():
+        if any(name.startswith(spec.marker) for name in names):
+            return layout
+    raise UserError(f"cannot tell which code base wrote this checkpoint: none of its {len(names)} keys is an "
+                    f"encoder name of {', '.join(LAYOUTS)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+
+
+def our_name(name, layout):
+    """An official key -> the name of our encoder's state dict, or None for a piece that fine-tuning drops: the
+    layout's pre-training-only parts and every relative_position_index (a buffer computed from the grid, which the
+    official fine-tuning pops too: beit/run_class_finetuning.py L346-349)."""
+    spec = LAYOUTS[layout]
+    name = name.removeprefix("module.")  # DistributedDataParallel's prefix, in whatever layout
+    for prefix in spec.strip:
+        name = name.removeprefix(prefix)
+    if name.startswith(spec.drop) or name.endswith("relative_position_index"):
+        return None
+    for old, new in spec.rename:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def describe(state_dict, layout):
+    """What our encoder must be to take this state dict: its size preset and the options that change its keys.
+
+    num_heads is not in the weights (qkv is [3D, D] for any head count): it comes from the preset of that width and
+    depth (common/vit.py VIT_SIZES; ConvMAE: convmae.py CONVMAE_SIZES). grid is the pre-training patch grid (h, w),
+    read from pos_embed or else from the rel-pos table. pos_embed: "sincos" (fixed in MAE/ConvMAE pre-training; in
+    our own file: when its values are the sin-cos table), "learned", or None; rel_pos: "shared" (one table for all
+    blocks), "per_block", or None. method is None for our own file (its config.json says)."""
+    sd = {new: value for name, value in state_dict.items() if (new := our_name(name, layout)) is not None}
+    depth = count_indices(sd, "blocks.")
+    if "patch_embed.patch_embed1.proj.weight" in sd:  # our ConvViT: three conv stages, then ViT blocks
+        dims = tuple(sd[f"patch_embed.patch_embed{i}.proj.weight"].shape[0] for i in (1, 2, 3))
+        depths = (count_indices(sd, "patch_embed.blocks1."), count_indices(sd, "patch_embed.blocks2."), depth)
+        model = next((m for m, (d, n, _) in CONVMAE_SIZES.items() if (d, n) == (dims, depths)), None)
+        embed_dim, patch_size = dims[2], 4 * sd["patch_embed.patch_embed1.proj.weight"].shape[-1]  # strides p/4, 2, 2
+        num_heads = CONVMAE_SIZES[model][2] if model else None
+    else:
+        embed_dim, _, patch_size, _ = sd["patch_embed.proj.weight"].shape  # [D, C, p, p]
+        model = next((m for m, (d, n, _, _) in VIT_SIZES.items() if (d, n) == (embed_dim, depth)), None)
+        num_heads = VIT_SIZES[model][2] if model else None
+    if model is None:
+        raise UserError(f"a {layout} checkpoint of width {embed_dim} and depth {depth}: no --model preset has that "
+                        f"size, so its number of heads is unknown")
+    has_cls = "cls_token" in sd
+    pos_embed = sd.get("pos_embed")
+    per_block = "blocks.0.attn.relative_position_bias_table"
+    table = sd.get(SHARED_TABLE, sd.get(per_block))
+    grid = (pos_grid(pos_embed, has_cls) if pos_embed is not None else
+            table_grid(table) if table is not None else None)
+    if pos_embed is None:
+        pos_kind = None
+    elif layout in ("mae", "convmae"):
+        pos_kind = "sincos"
+    elif layout == "ours" and torch.allclose(
+            pos_embed[0].float(), sincos_pos_embed_2d(embed_dim, *grid, cls_token=has_cls), atol=1e-6):
+        pos_kind = "sincos"
+    else:
+        pos_kind = "learned"
+    return dict(method=None if layout == "ours" else layout, model=model, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, patch_size=patch_size, grid=grid,
+                qv_bias="blocks.0.attn.q_bias" in sd, layer_scale="blocks.0.gamma_1" in sd, pos_embed=pos_kind,
+                rel_pos="shared" if SHARED_TABLE in sd else "per_block" if per_block in sd else None)
+
+
+def to_encoder_state(state_dict, layout, target):
+    """An unwrapped official state dict -> (a state dict with exactly `target`'s keys, the dropped keys).
+
+    target: our freshly built fine-tuning encoder's state_dict() (its names and shapes). Steps: strip the layout's
+    prefixes, rename to our names, drop the pre-training-only pieces (returned, in the file's names); when target has
+    one rel-pos table per block and the file one shared table, copy it to every block as BEiT's fine-tuning does
+    (beit/run_class_finetuning.py L337-344); resize pos_embed and rel-pos tables to target's grid
+    (interpolate_pos_embed, interpolate_rel_pos_table). Strict: a target key left unfilled, a file key neither placed
+    nor dropped, or a shape that still differs raises UserError naming them, in one line."""
+    origin, dropped = {}, []
+    for name in state_dict:
+        new = our_name(name, layout)
+        if new is None:
+            dropped.append(name)
+        else:
+            origin[new] = name
+    sd = {new: state_dict[name] for new, name in origin.items()}
+    per_block = [k for k in target if k.endswith("attn.relative_position_bias_table")]
+    if SHARED_TABLE in sd and SHARED_TABLE not in target and per_block:
+        shared = sd.pop(SHARED_TABLE)
+        for key in per_block:
+            sd[key] = shared.clone()
+            origin[key] = origin[SHARED_TABLE]
+    for key, value in sd.items():
+        if key not in target or value.shape == target[key].shape:
+            continue
+        if key.endswith("relative_position_bias_table"):
+            sd[key] = interpolate_rel_pos_table(value, table_grid(value), table_grid(target[key]))
+        elif key == "pos_embed":
+            has_cls = "cls_token" in target
+            sd[key] = interpolate_pos_embed(value, pos_grid(target[key], has_cls), cls_token=has_cls)
+    missing = [k for k in target if k not in sd]
+    unplaced = [origin[k] for k in sd if k not in target]
+    shapes = [f"{origin[k]} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
+              for k in target if k in sd and sd[k].shape != target[k].shape]
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                for what, keys in (("encoder keys not in the file", missing), ("file keys not placed", unplaced),
+                                   ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise UserError(f"the {layout} checkpoint does not fit this encoder: " + "; ".join(problems))
+    return {k: sd[k] for k in target}, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                       resizing to another patch grid                                              #
+# ---------------------------------------------------------------------------------------------------------------- #
+def interpolate_pos_embed(pos_embed, new_grid, cls_token=True):
+    """[1, 1+N, D] (or [1, N, D] without cls_token) on a square grid -> [1, 1+h*w, D] on new_grid (h, w), as MAE's
+    util/pos_embed.py interpolate_pos_embed: the patch rows as a D-channel image resized bicubically
+    (align_corners=False), the cls row kept as it is. The same grid returns pos_embed itself."""
+    extra = 1 if cls_token else 0
+    side = square_side(pos_embed.shape[1] - extra, "pos_embed")
+    h, w = new_grid
+    if (side, side) == (h, w):
+        return pos_embed
+    dim = pos_embed.shape[2]
+    grid = pos_embed[:, extra:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, N, D] -> [1, D, side, side]
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)  # -> [1, D, h, w]
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)  # -> [1, h*w, D]
+    return torch.cat([pos_embed[:, :extra], grid], dim=1)
+
+
+def interpolate_rel_pos_table(table, old_grid, new_grid):
+    """Relative position bias table [(2h-1)(2w-1)+3, heads] of old_grid (h, w) -> the table of new_grid, as BEiT's
+    fine-tuning does (beit/run_class_finetuning.py L351-411, SimMIM's utils.py the same): the old offsets are spread
+    on a geometric progression that reaches the new grid's largest offset (near offsets keep a spacing of about 1,
+    far ones are stretched), and a bicubic interpolating spline through them (official: scipy interp2d kind='cubic'
+    per head, gone from SciPy 1.14) is read at the new integer offsets. We compute that spline -- FITPACK's s=0
+    interpolant is the not-a-knot cubic spline -- per axis in torch. The 3 cls entries are kept as they are; the
+    same grid returns table itself. official: square grids only; we: each axis on its own."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    heads = table.shape[1]
+    (h0, w0), (h1, w1) = old_grid, new_grid
+    rows = spline_matrix(geometric_offsets(h0, h1), integer_offsets(h1))  # [2h1-1, 2h0-1]
+    cols = spline_matrix(geometric_offsets(w0, w1), integer_offsets(w1))  # [2w1-1, 2w0-1]
+    pairs = table[:-NUM_CLS_ENTRIES].double().reshape(2 * h0 - 1, 2 * w0 - 1, heads)  # row offset outer, column inner
+    resized = torch.einsum("ir,rch,jc->ijh", rows, pairs, cols)  # [2h1-1, 2w1-1, heads]
+    resized = resized.reshape(-1, heads).to(table.dtype)  # -> [(2h1-1)(2w1-1), heads]
+    return torch.cat([resized, table[-NUM_CLS_ENTRIES:]], dim=0)
+
+
+def geometric_offsets(old, new):
+    """Where BEiT's fine-tuning puts the 2*old-1 offsets of an old grid side before reading the new one's: 0 and
+    +-(1), +-(1 + q), +-(1 + q + q^2), ..., with q found by bisection in [1.01, 1.5] (to 1e-6, the official bounds
+    and stopping rule, so the values match) such that the outermost, 1 + q + ... + q^(old-2), is new - 1."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2
+        if (1 - q ** (old - 1)) / (1 - q) > new - 1:  # the geometric series 1 + q + ... (old - 1 terms)
+            right = q
+        else:
+            left = q
+    distances = [sum(q ** k for k in range(i)) for i in range(1, old)]  # 1, 1 + q, ...
+    return torch.tensor([-d for d in reversed(distances)] + [0.0] + distances, dtype=torch.float64)
+
+
+def integer_offsets(side):
+    """The offsets -(side-1) .. side-1 of a grid side, float64."""
+    return torch.arange(-(side - 1), side, dtype=torch.float64)
+
+
+def spline_matrix(x, x_new):
+    """The not-a-knot cubic spline through points x (n >= 4, increasing) as a matrix: values at x_new = W @ values
+    at x, W [len(x_new), n]. Points outside [x0, x_n-1] take the end value, as FITPACK's evaluation clamps them.
+    With second derivatives m (A m = B y): on [x_i, x_i+1], a = (x_i+1 - t) / h_i, b = 1 - a,
+    s(t) = a y_i + b y_i+1 + h_i^2 / 6 ((a^3 - a) m_i + (b^3 - b) m_i+1)."""
+    n = len(x)
+    if n < 4:
+        raise UserError(f"a relative position table of {n} offsets per side is too small to resize: cubic "
+                        f"interpolation needs a pre-training grid of at least 3 patches per side")
+    h = x.diff()  # [n-1]
+    A = torch.zeros(n, n, dtype=torch.float64)
+    B = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(1, n - 1):  # continuous second derivative at the inner points
+        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
+        B[i, i - 1:i + 2] = torch.stack([6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]])
+    # not-a-knot: the third derivative is continuous at x1 and x_n-2 (one cubic over the first and last two pieces)
+    A[0, :3] = torch.stack([h[1], -(h[0] + h[1]), h[0]])
+    A[-1, -3:] = torch.stack([h[-1], -(h[-2] + h[-1]), h[-2]])
+    second = torch.linalg.solve(A, B)  # [n, n]: m = second @ y
+    t = x_new.clamp(x[0], x[-1])
+    i = (torch.searchsorted(x, t, right=True) - 1).clamp(0, n - 2)  # the piece of each new point
+    a = (x[i + 1] - t) / h[i]
+    b = 1 - a
+    eye = torch.eye(n, dtype=torch.float64)
+    return (a[:, None] * eye[i] + b[:, None] * eye[i + 1]
+            + (h[i] ** 2 / 6)[:, None] * ((a ** 3 - a)[:, None] * second[i] + (b ** 3 - b)[:, None] * second[i + 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                  helpers                                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+def count_indices(sd, prefix):
+    """How many numbered modules `prefix{i}.` the state dict has (blocks of a stage)."""
+    return len({name[len(prefix):].split(".")[0] for name in sd if name.startswith(prefix)})
+
+
+def square_side(n, what):
+    """The side of a square grid of n positions; UserError when n is not a square (the official interpolations
+    assume square pre-training grids)."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise UserError(f"{what} has {n} grid positions, not a square grid")
+    return side
+
+
+def pos_grid(pos_embed, cls_token):
+    """The square patch grid (h, w) of a [1, (1+)N, D] position table."""
+    side = square_side(pos_embed.shape[1] - (1 if cls_token else 0), "pos_embed")
+    return side, side
+
+
+def table_grid(table):
+    """The square patch grid (h, w) of a [(2h-1)(2w-1)+3, heads] relative position table."""
+    side = square_side(table.shape[0] - NUM_CLS_ENTRIES, "the relative position table")  # 2h - 1
+    return (side + 1) // 2, (side + 1) // 2
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -275,7 +607,10 @@ def main(argv=None):
     if data.steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images"
                         + (f" split over {run.dist.world_size} processes" if run.dist.world_size > 1 else ""))
-    encoder, _ = build_encoder(source, cfg.img_size, cfg.random_init)
+    encoder, dropped = build_encoder(source, cfg.img_size, cfg.random_init)
+    if dropped:  # decoders, mask tokens, heads: what only pre-training used
+        run.log(f"--init: {len(dropped)} keys not used by the encoder: " + ", ".join(dropped[:8])
+                + (", ..." if len(dropped) > 8 else ""))
     encoder.set_drop_path(recipe.drop_path)
     num_classes = train_set.num_classes
     model = (LinearProbe(encoder, num_classes) if cfg.linear_probe else
@@ -286,7 +621,7 @@ def main(argv=None):
     start_epoch, start_step = run.start(model, optimizer)
     run.log(f"{'linear probe' if cfg.linear_probe else 'fine-tune'} of {source.path}"
             f"{' (its architecture, randomly initialised)' if cfg.random_init else ''} ({source.method} "
-            f"{source.pretrain['model']}, {len(source.dropped)} keys of the file not used): "
+            f"{source.pretrain['model']}, {source.layout} layout): "
             f"{count_params(model) / 1e6:.2f}M trainable parameters, {num_classes} classes, recipe "
             + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
     best = best_so_far(run.out)

@@ -155,7 +155,7 @@ def test_lars_step_by_hand():
 
 
 def test_init_errors_are_one_line(tmp_path, capsys):
-    """No --init, a missing file, and a file with no config.json beside it: one line each, exit 2."""
+    """No --init, a missing file, and a file of no known layout: one line each, exit 2."""
     from common.training import cli
     for argv, message in (([], "--init is required"), (["--init", str(tmp_path / "nope.pth")], "does not exist")):
         with pytest.raises(SystemExit) as e:
@@ -164,4 +164,4 @@ def test_init_errors_are_one_line(tmp_path, capsys):
     torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "lone.pth")
     with pytest.raises(SystemExit) as e:
         cli(lambda: finetune.main(["--init", str(tmp_path / "lone.pth")]))
-    assert e.value.code == 2 and "no config.json beside it" in capsys.readouterr().err
+    assert e.value.code == 2 and "cannot tell which code base wrote this checkpoint" in capsys.readouterr().err
