@@ -556,6 +556,7 @@ def report(method, encoder, build_model, run, finetune_table=None):
         run.log(f"fine-tune top-1 after {cfg.finetune_epochs} epochs: {tuned['pretrained']}"
                 + (f" (random init: {tuned['random_init']})" if "random_init" in tuned else ""))
         run.write_json("results.json", results)
+    run.log(f"fine-tune it: python finetune.py --init {run.out}/encoder.pth   (--linear-probe for MAE's linear probe)")
     return results
 
 

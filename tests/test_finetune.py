@@ -24,9 +24,11 @@ def load(path):
 
 @pytest.fixture(scope="module")
 def encoder_path(tmp_path_factory):
-    """A tiny MAE pre-trained for one epoch on the synthetic set: its encoder.pth (config.json beside it)."""
+    """A tiny MAE pre-trained for one epoch on the synthetic set: its encoder.pth (config.json beside it); the run's
+    last line is the finetune.py command for it."""
     out = tmp_path_factory.mktemp("mae")
-    run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    proc = run_script("mae.py", *MAE_TINY, "--epochs", "1", "--out", out)
+    assert f"python finetune.py --init {out}/encoder.pth" in proc.stdout  # the run ends on the command to run next
     return out / "encoder.pth"
 
 
