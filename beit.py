@@ -625,7 +625,7 @@ def train_tokenizer(cfg, run, tokenizer, path, saved=None):
             save(epoch, step, False, stats)
             run.log(f"stage 1 stopped after {it} steps (--max-steps); " + (
                 f"run again to continue {path}" if cfg.stage == "tokenizer" else
-                f"pre-training goes on with this unfinished tokenizer (a smoke run)"))
+                "pre-training goes on with this unfinished tokenizer (a smoke run)"))
             break
         start_step = 0
         run.guard.check()
