@@ -879,7 +879,7 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    results = report("beit", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, ...
+    results = report("beit", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, ...
     results["mlm_acc"] = mlm_acc  # of the last epoch (None with --eval-only)
     results["tokenizer"] = {"path": str(tokenizer_path), **load_file(tokenizer_path, "tokenizer").get("stats", {})}
     run.write_json("results.json", results)
@@ -916,15 +916,15 @@ PRESETS = {
     "imagenet": {},
 }
 
-# --finetune-epochs: one recipe per data scale, picked by the input size (evaluation.finetune_scale); the fields are
-# FinetuneRecipe's in common/evaluation.py.
+# finetune.py's recipes (and --finetune-epochs'): one per data scale, picked by the input size
+# (finetune.finetune_scale); the fields are its FinetuneRecipe's.
 FINETUNE = {
     # official get_started_for_image_classification.md, BEiT-B from a self-supervised checkpoint: 8 x 128 = 1024
     # images, lr 4e-3 (absolute; we scale it: 1e-3 per 256), 100 epochs, 20 of warm-up from 0, cosine to 1e-6
     # (utils.cosine_scheduler: the warm-up ends one step earlier than MAE's, the same curve otherwise), layer decay
     # 0.65, drop path 0.1, wd 0.05, no clipping, rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8, cutmix 1.0,
     # smoothing 0.1, mean pooling. official: head init trunc_normal(0.02) x 0.001 and the shared relative position
-    # table copied into every block; we: the same std (2e-5) and the shared table kept.
+    # table copied into every block (finetune.py does the same); we: the same std (2e-5).
     "imagenet": dict(epochs=100, warmup_epochs=20, blr=1e-3, min_lr=1e-6, layer_decay=0.65, drop_path=0.1,
                      crop_scale=(0.08, 1.0), rand_augment=9, erasing=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
     # BEiT-L: 64 x 2 x 8 = 1024, lr 1e-3 (2.5e-4 per 256), 50 epochs, 5 of warm-up, layer decay 0.75, drop path 0.2

@@ -491,7 +491,7 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    report("convmae", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+    report("convmae", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, fine-tune
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -516,7 +516,8 @@ PRESETS = {
     "imagenet": {},
 }
 
-# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+# Fine-tune recipes of finetune.py (and --finetune-epochs), one per data scale (finetune.finetune_scale); fields: its
+# FinetuneRecipe's.
 # The conv stages run unmasked and all N tokens are averaged (global pool).
 FINETUNE = {
     # ConvMAE FINETUNE.md, ConvMAE-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1,

@@ -27,6 +27,7 @@ import importlib
 import json
 import math
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,11 +39,10 @@ import torch.nn.functional as F
 
 from common import UserError
 from common.data import DATASETS, LoaderData, build_eval_loader, finetune_transform, mix_seed, run_dataset
-from common.evaluation import (Classifier, FinetuneRecipe, finetune_lr, layer_decay_groups, mix_batch, shard,
-                               soft_target_cross_entropy)
-from common.training import (Run, TrainConfig, cli, given_settings, load_file, progress, resolve_config,
+from common.evaluation import shard
+from common.training import (Run, TrainConfig, cli, cosine_lr, given_settings, load_file, progress, resolve_config,
                              set_grad_sync, set_lr)
-from common.vit import VIT_SIZES, count_params, sincos_pos_embed_2d
+from common.vit import VIT_SIZES, count_params, layer_norm, sincos_pos_embed_2d
 from convmae import CONVMAE_SIZES
 
 METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae")  # the methods whose encoders fine-tune here
@@ -434,6 +434,170 @@ def table_grid(table):
 # ---------------------------------------------------------------------------------------------------------------- #
 #                                                 the classifier                                                     #
 # ---------------------------------------------------------------------------------------------------------------- #
+class Classifier(nn.Module):
+    """Encoder + head for fine-tuning. pool="mean" (MAE/SimMIM default, `global_pool`): mean of the patch tokens
+    before the final norm -> a new LayerNorm `fc_norm` -> head; the encoder's final norm is deleted, as the official
+    code does, so that the model holds only parameters it uses (DDP requires it). pool="cls": the normalised cls
+    token -> head. Takes the encoder as its own (fine-tuning passes a copy)."""
+
+    def __init__(self, encoder, num_classes, pool="mean"):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.fc_norm = None
+        if pool == "mean":
+            del encoder.norm
+            encoder.norm = nn.Identity()
+            self.fc_norm = layer_norm(encoder.embed_dim)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: trunc_normal(2e-5) head, zero bias
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs):
+        enc = self.encoder
+        x = enc.norm(enc.run_blocks(enc.prepend_cls(enc.embed(imgs))))  # [B, 1+N, D] (norm: Identity for "mean")
+        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.pool == "mean" else x[:, 0]  # [B, D]
+        return self.head(x)
+
+
+def layer_id(name, depth):
+    """MAE `util/lr_decay.py`: cls/pos/patch embedding -> 0, blocks.k -> k + 1, everything else (final norms,
+    head, the shared relative position bias) -> depth + 1."""
+    name = name.removeprefix("encoder.")
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model, weight_decay, layer_decay, no_decay=("encoder.cls_token", "encoder.pos_embed")):
+    """AdamW groups with lr_scale = layer_decay^(depth + 1 - layer id); no weight decay on 1-D parameters and on
+    cls/pos (timm's `no_weight_decay`)."""
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        wd = 0.0 if p.ndim == 1 or name in no_decay else weight_decay
+        group = groups.setdefault((lid, wd), {"params": [], "weight_decay": wd,
+                                              "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+@dataclass
+class FinetuneRecipe:
+    """One fine-tuning recipe. The defaults are MAE's ImageNet ViT-B recipe (FINETUNE.md); each method file holds
+    its own values per data scale (its FINETUNE table) and `finetune_recipe` picks one. --finetune-epochs N runs N
+    epochs with the warm-up keeping its share of the recipe's `epochs`."""
+    epochs: int = 100  # the recipe's length (ViT-B 100, L/H 50)
+    warmup_epochs: float = 5  # linear warm-up, in epochs of `epochs`
+    blr: float = 5e-4  # lr = blr x global batch / lr_batch_div
+    lr_batch_div: int = 256
+    batch_size: typing.Optional[int] = None  # images per process per fine-tune step (None: the pre-training batch)
+    min_lr: float = 1e-6  # floor of the cosine
+    warmup_lr: float = 0.0  # first lr of the warm-up
+    scale_floor: bool = False  # min_lr and warmup_lr scale with the batch like the lr (SimMIM)
+    schedule: str = "mae"  # "mae": warm-up, then cosine over the rest, lr set before each step; "timm": SimMIM's
+    #                        timm CosineLRScheduler: the cosine spans every step *including* the warm-up, and the lr
+    #                        is updated after each optimizer step (so step i runs on the lr of step i - 1)
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    weight_decay: float = 0.05
+    clip_grad: typing.Optional[float] = None  # global gradient-norm clip (SimMIM 5.0)
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range (timm default)
+    rand_augment: int = 9  # RandAugment magnitude with 2 ops (0 = off)
+    erasing: float = 0.25  # RandomErasing probability
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup (0 = off)
+    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix (0 = off)
+    switch_prob: float = 0.5  # with both on: the chance a batch takes cutmix
+    smoothing: float = 0.1  # label smoothing of the (mixed) soft targets
+
+
+def finetune_scale(img_size):
+    """Which recipe fits the images: by input size, not by dataset name, so a folder of 32-px images gets the
+    small-image recipe and not ImageNet's."""
+    return "small" if img_size <= 64 else "medium" if img_size <= 128 else "imagenet"
+
+
+def finetune_recipe(table, cfg):
+    """The recipe of a method's FINETUNE table for this run: table[scale], then table[model] (size-specific values,
+    e.g. ViT-L's 50 epochs) when the run is at ImageNet scale."""
+    scale = finetune_scale(cfg.img_size)
+    values = {**table.get(scale, {}), **(table.get(cfg.model, {}) if scale == "imagenet" else {})}
+    return FinetuneRecipe(**values)
+
+
+def finetune_lr(it, steps_per_epoch, epochs, lr, recipe, warmup_lr, min_lr):
+    """lr of fine-tuning iteration `it` (0-based, over all epochs) for a run of `epochs` epochs.
+    "mae" (MAE `util/lr_sched.py`, set before the step): warm-up from warmup_lr, then the half cosine over the
+    remaining epochs to min_lr. "timm" (SimMIM: timm CosineLRScheduler(t_initial=all steps, warmup_t, warmup_lr_init,
+    lr_min), `step_update(it)` *after* optimizer step it): f(t) = warm-up line for t < warmup steps, else the half
+    cosine over t / all steps; step it runs on f(it - 1), step 0 on f(0) = warmup_lr."""
+    warmup = recipe.warmup_epochs * epochs / recipe.epochs  # the recipe's share of warm-up
+    if recipe.schedule == "mae":
+        epoch = it / steps_per_epoch
+        if epoch < warmup:
+            return warmup_lr + (lr - warmup_lr) * epoch / warmup
+        return cosine_lr(epoch, lr, min_lr, warmup, epochs)
+    t, warmup_t = max(it - 1, 0), warmup * steps_per_epoch
+    if t < warmup_t:
+        return warmup_lr + (lr - warmup_lr) * t / warmup_t
+    return cosine_lr(t, lr, min_lr, 0, epochs * steps_per_epoch)
+
+
+def mix_batch(imgs, labels, num_classes, recipe, rng):
+    """timm's Mixup in "batch" mode with label smoothing: one lambda for the batch, image i mixed with image
+    B-1-i (the batch flipped). With both on, cutmix is chosen with p = switch_prob. Mixup: x = lam x + (1-lam) x',
+    lam ~ Beta(mixup, mixup). Cutmix: lam ~ Beta(cutmix, cutmix), a box of side sqrt(1-lam) x H (x W) centred at a
+    uniform pixel and clipped to the image is pasted from x', and lam becomes the area left (timm `correct_lam`).
+    Targets: smoothed one-hots (1 - s + s/C on the label, s/C elsewhere) mixed with the same lam, so each row sums
+    to 1. `rng`: a numpy Generator (seeded per step). Returns (images, soft targets [B, C])."""
+    off = recipe.smoothing / num_classes
+    y = torch.full((len(labels), num_classes), off, device=imgs.device)
+    y.scatter_(1, labels.unsqueeze(1), 1.0 - recipe.smoothing + off)  # [B, C] smoothed one-hot
+    if not (recipe.mixup or recipe.cutmix):
+        return imgs, y
+    use_cutmix = recipe.cutmix > 0 and (recipe.mixup == 0 or rng.random() < recipe.switch_prob)
+    if use_cutmix:
+        lam = rng.beta(recipe.cutmix, recipe.cutmix)
+        H, W = imgs.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = rng.integers(H), rng.integers(W)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        imgs = imgs.clone()
+        imgs[:, :, y0:y1, x0:x1] = imgs.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        lam = rng.beta(recipe.mixup, recipe.mixup)
+        imgs = imgs * lam + imgs.flip(0) * (1 - lam)
+    return imgs, y * lam + y.flip(0) * (1 - lam)
+
+
+def soft_target_cross_entropy(logits, targets):
+    """timm's SoftTargetCrossEntropy: -sum_c target_c log softmax(logits)_c, averaged over the batch."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def finetune_step(model, optimizer, scaler, imgs, targets, clip_grad, autocast, accum_iter=1, update=True):
+    """One fine-tuning micro-step: forward under autocast, scaled backward (a GradScaler, enabled for fp16) of the loss
+    / accum_iter; at an update (the last micro-step of an accumulation) the optional clip on the unscaled gradients,
+    the step (skipped by the scaler on inf/NaN) and zero_grad. Returns the loss."""
+    with autocast:
+        loss = soft_target_cross_entropy(model(imgs), targets)
+    scaler.scale(loss / accum_iter).backward()
+    if update:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 class LinearProbe(Classifier):
     """MAE's linear probe: the frozen encoder's normalised cls token -> BatchNorm without affine (eps 1e-6) -> linear
     layer (trunc_normal std 0.01, as main_linprobe.py)."""
@@ -527,7 +691,6 @@ def recipe_preset(source, data, img_size, linear_probe):
     """The flags the recipe sets for this encoder and data: the method's FINETUNE table (or LINEAR_PROBE) for the
     input size and model, as Config fields; the model and patch size of the encoder; its image size unless the
     dataset has its own."""
-    from common.evaluation import finetune_scale
     size = img_size or DATASETS[data].native_size or source.pretrain["img_size"]
     model = source.pretrain["model"]
     if linear_probe:
@@ -619,11 +782,11 @@ def main(argv=None):
     floor = run.global_batch / recipe.lr_batch_div if recipe.scale_floor else 1.0  # SimMIM scales the floors too
     optimizer = build_optimizer(model, cfg, recipe)
     start_epoch, start_step = run.start(model, optimizer)
-    run.log(f"{'linear probe' if cfg.linear_probe else 'fine-tune'} of {source.path}"
-            f"{' (its architecture, randomly initialised)' if cfg.random_init else ''} ({source.method} "
-            f"{source.pretrain['model']}, {source.layout} layout): "
-            f"{count_params(model) / 1e6:.2f}M trainable parameters, {num_classes} classes, recipe "
-            + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
+    mode, name = "linear probe" if cfg.linear_probe else "fine-tune", "random-init" if cfg.random_init else "pretrained"
+    run.log(f"{mode} ({name}): {cfg.epochs} epochs of {data.steps_per_epoch} steps, lr {cfg.lr:.3g}, from "
+            f"{source.path}{' (its architecture, randomly initialised)' if cfg.random_init else ''} ({source.method} "
+            f"{source.pretrain['model']}, {source.layout} layout), {count_params(model) / 1e6:.2f}M trainable "
+            f"parameters, {num_classes} classes, recipe " + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
     best = best_so_far(run.out)
     t0 = time.perf_counter()
 
@@ -640,20 +803,11 @@ def main(argv=None):
                 # mixup / cutmix and smoothed targets, drawn from (seed, rank, step): the same after a resume
                 imgs, targets = mix_batch(imgs, y, num_classes, recipe,
                                           np.random.default_rng(mix_seed(cfg.seed, run.dist.rank, it)))
-                update = (step + 1) % cfg.accum_iter == 0
+                update = (step + 1) % cfg.accum_iter == 0  # the last micro-step of an accumulation updates
                 set_grad_sync(train_model, update)
-                with run.autocast():
-                    loss = soft_target_cross_entropy(train_model(imgs), targets)
-                run.scaler.scale(loss / cfg.accum_iter).backward()
-                grad_norm = None
-                if update:
-                    run.scaler.unscale_(optimizer)
-                    if recipe.clip_grad:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-                    run.scaler.step(optimizer)
-                    run.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                run.log_step(epoch, step, loss, lr, grad_norm)
+                loss = finetune_step(train_model, optimizer, run.scaler, imgs, targets, recipe.clip_grad,
+                                     run.autocast(), cfg.accum_iter, update)
+                run.log_step(epoch, step, loss, lr)
                 if run.should_stop(step):  # at an update: --max-steps reached, or a stop signal
                     run.save_checkpoint(epoch, step + 1)
                     run.exit_if_preempted()
@@ -667,7 +821,8 @@ def main(argv=None):
                 run.save_checkpoint(epoch + 1, 0)
             else:
                 run.write_log(kind="eval", epoch=epoch, top1=top1, top5=top5)
-            run.log(f"epoch {epoch}: val top-1 {top1}, top-5 {top5}" + (" (best)" if top1 > best["top1"] else ""))
+            run.log(f"{mode} {name} epoch {epoch}: loss {run.last_loss:.4f}, val top-1 {top1}, top-5 {top5}"
+                    + (" (best)" if top1 > best["top1"] else ""))
             record = {"model": model.state_dict(), "epoch": epoch, "top1": top1, "top5": top5}
             run.save_file(record, "last.pth")
             if top1 > best["top1"]:
@@ -684,9 +839,40 @@ def main(argv=None):
                "mode": "linear probe" if cfg.linear_probe else "fine-tune", "top1": top1, "top5": top5,
                "best": best, "global_step": run.global_step, "recipe": asdict(recipe)}
     run.write_json("results.json", results)
-    run.log(f"val top-1 {top1}, top-5 {top5} (best: {best['top1']} after epoch {best['epoch']}); wrote "
-            f"{run.out}/model.pth and results.json")
+    run.log(f"{mode} {name}: top-1 {top1}")
+    run.log(f"top-5 {top5}; best top-1 {best['top1']} after epoch {best['epoch']}; wrote {run.out}/model.pth and "
+            f"results.json")
     return results
+
+
+def after_pretraining(run):
+    """A method file's --finetune-epochs N (and --finetune-baseline): this program on the encoder.pth the run just
+    wrote, into <out>/finetune (and <out>/finetune-random-init), N epochs of the method's recipe for its data with the
+    warm-up keeping its share, the run's data, size, seed, precision and processes. Returns results.json's entry."""
+    cfg = run.cfg
+    if run_dataset(cfg, "train") is None or run_dataset(cfg, "val") is None:
+        run.log("fine-tuning skipped: no labelled train/ and val/ split")
+        return None
+    source = read_init(str(run.out / "encoder.pth"))
+    _, values = recipe_preset(source, cfg.data, cfg.img_size, False)
+    recipe = FinetuneRecipe(**{k: v for k, v in values.items() if k in {f.name for f in fields(FinetuneRecipe)}})
+    labelled = len(run_dataset(cfg, "train")) // run.dist.world_size
+    batch = recipe.batch_size or cfg.batch_size
+    if batch > labelled:  # (a handful of images)
+        batch = max(1, min(cfg.batch_size, labelled))
+    argv = ["--init", run.out / "encoder.pth", "--epochs", cfg.finetune_epochs, "--batch-size", batch,
+            "--warmup-epochs", recipe.warmup_epochs * cfg.finetune_epochs / recipe.epochs, "--data", cfg.data,
+            "--data-path", cfg.data_path, "--img-size", cfg.img_size, "--subset", cfg.subset, "--seed", cfg.seed,
+            "--workers", cfg.workers, "--amp", cfg.amp, "--log-every", cfg.log_every, "--resume", "auto",
+            "--compile" if cfg.compile else "--no-compile"] + (["--device", cfg.device] if cfg.device else [])
+    tuned = {"epochs": cfg.finetune_epochs}
+    for name, extra in (("pretrained", []), ("random_init", ["--random-init"]))[:1 + cfg.finetune_baseline]:
+        out = run.out / ("finetune" if name == "pretrained" else "finetune-random-init")
+        results = main([str(a) for a in argv + ["--out", out] + extra])
+        tuned.update({name: results["top1"], "recipe": results["recipe"]})
+    run.log(f"fine-tune top-1 after {cfg.finetune_epochs} epochs: {tuned['pretrained']}"
+            + (f" (random init: {tuned['random_init']})" if "random_init" in tuned else ""))
+    return tuned
 
 
 def best_so_far(out):

@@ -255,7 +255,7 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    report("mae", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+    report("mae", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, fine-tune
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -279,7 +279,8 @@ PRESETS = {
     "imagenet": {},
 }
 
-# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+# Fine-tune recipes of finetune.py (and --finetune-epochs), one per data scale (finetune.finetune_scale); fields: its
+# FinetuneRecipe's.
 FINETUNE = {
     # FINETUNE.md, ViT-B: 100 epochs, 5 warm-up, blr 5e-4 (batch 1024), layer decay 0.65, drop path 0.1, wd 0.05,
     # RandAugment m9 (timm rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8, cutmix 1.0 (switch 0.5), label

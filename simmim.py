@@ -276,7 +276,7 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    report("simmim", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+    report("simmim", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, fine-tune
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -302,7 +302,8 @@ PRESETS = {
     "imagenet": {},
 }
 
-# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+# Fine-tune recipes of finetune.py (and --finetune-epochs), one per data scale (finetune.finetune_scale); fields: its
+# FinetuneRecipe's.
 FINETUNE = {
     # official configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml + config.py: 100 epochs, 20 of
     # them warm-up from 2.5e-7, base lr 1.25e-3 per 512 images, timm's cosine over all steps (warm-up included) to

@@ -608,7 +608,7 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    report("sit", model.encoder, build_model, run, FINETUNE)  # monitors, encoder.pth, results.json, fine-tune
+    report("sit", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, fine-tune
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -632,7 +632,8 @@ PRESETS = {
 }
 
 
-# Fine-tune recipes for --finetune-epochs, one per data scale (evaluation.finetune_scale); fields: FinetuneRecipe's.
+# Fine-tune recipes of finetune.py (and --finetune-epochs), one per data scale (finetune.finetune_scale); fields: its
+# FinetuneRecipe's.
 FINETUNE = {
     # official: "we used Deit code without any parameter optimisation" (github.com/Sara-Ahmed/SiT/issues/34), i.e.
     # DeiT's defaults: 300 epochs, 5 warm-up from 1e-6, lr 5e-4 x batch / 512, timm's cosine over all epochs to 1e-5,

@@ -1,20 +1,15 @@
-"""Evaluation of a pre-trained encoder: kNN and linear probe on frozen features (monitors), fine-tuning with
-layer-wise lr decay (the headline number of every MIM paper), image grids, and pictures of a visual tokenizer's
-codebook (BEiT, BEiT v2).
+"""Evaluation of a pre-trained encoder: kNN and linear probe on frozen features (monitors), image grids, and pictures
+of a visual tokenizer's codebook (BEiT, BEiT v2). Fine-tuning, the headline number of every MIM paper, is finetune.py's.
 
 kNN and the linear probe are *monitors*: masked-image-modeling features are known to score low on them (MAE's kNN
 is about 11 % on ImageNet in lightly's benchmark, while it fine-tunes to 83.6 %). Both are reported for the cls
 token and for the mean of the patch tokens, next to the same numbers for the randomly initialised encoder.
 """
-import copy
 import math
 import time
-import typing
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -22,10 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, finetune_transform, ignore_stop_signals, mix_seed,
-                   seeded_rng, stratified_indices)
+from .data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, mix_seed, seeded_rng, stratified_indices
 from .training import Preempted, barrier, cosine_lr, progress, set_lr
-from .vit import layer_norm
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -241,251 +234,6 @@ def evaluate(encoder, random_encoder, run):
     return results
 
 
-# ---------------------------------------------------------------------------------------------------------------- #
-#                                      fine-tuning with layer-wise lr decay                                          #
-# ---------------------------------------------------------------------------------------------------------------- #
-class Classifier(nn.Module):
-    """Encoder + head for fine-tuning. pool="mean" (MAE/SimMIM default, `global_pool`): mean of the patch tokens
-    before the final norm -> a new LayerNorm `fc_norm` -> head; the encoder's final norm is deleted, as the official
-    code does, so that the model holds only parameters it uses (DDP requires it). pool="cls": the normalised cls
-    token -> head. Takes the encoder as its own (fine-tuning passes a copy)."""
-
-    def __init__(self, encoder, num_classes, pool="mean"):
-        super().__init__()
-        self.encoder, self.pool = encoder, pool
-        self.fc_norm = None
-        if pool == "mean":
-            del encoder.norm
-            encoder.norm = nn.Identity()
-            self.fc_norm = layer_norm(encoder.embed_dim)
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: trunc_normal(2e-5) head, zero bias
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, imgs):
-        enc = self.encoder
-        x = enc.norm(enc.run_blocks(enc.prepend_cls(enc.embed(imgs))))  # [B, 1+N, D] (norm: Identity for "mean")
-        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.pool == "mean" else x[:, 0]  # [B, D]
-        return self.head(x)
-
-
-def layer_id(name, depth):
-    """MAE `util/lr_decay.py`: cls/pos/patch embedding -> 0, blocks.k -> k + 1, everything else (final norms,
-    head, the shared relative position bias) -> depth + 1."""
-    name = name.removeprefix("encoder.")
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_groups(model, weight_decay, layer_decay, no_decay=("encoder.cls_token", "encoder.pos_embed")):
-    """AdamW groups with lr_scale = layer_decay^(depth + 1 - layer id); no weight decay on 1-D parameters and on
-    cls/pos (timm's `no_weight_decay`)."""
-    depth = len(model.encoder.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = layer_id(name, depth)
-        wd = 0.0 if p.ndim == 1 or name in no_decay else weight_decay
-        group = groups.setdefault((lid, wd), {"params": [], "weight_decay": wd,
-                                              "lr_scale": layer_decay ** (depth + 1 - lid)})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-@dataclass
-class FinetuneRecipe:
-    """One fine-tuning recipe. The defaults are MAE's ImageNet ViT-B recipe (FINETUNE.md); each method file holds
-    its own values per data scale (its FINETUNE table) and `finetune_recipe` picks one. --finetune-epochs N runs N
-    epochs with the warm-up keeping its share of the recipe's `epochs`."""
-    epochs: int = 100  # the recipe's length (ViT-B 100, L/H 50)
-    warmup_epochs: float = 5  # linear warm-up, in epochs of `epochs`
-    blr: float = 5e-4  # lr = blr x global batch / lr_batch_div
-    lr_batch_div: int = 256
-    batch_size: typing.Optional[int] = None  # images per process per fine-tune step (None: the pre-training batch)
-    min_lr: float = 1e-6  # floor of the cosine
-    warmup_lr: float = 0.0  # first lr of the warm-up
-    scale_floor: bool = False  # min_lr and warmup_lr scale with the batch like the lr (SimMIM)
-    schedule: str = "mae"  # "mae": warm-up, then cosine over the rest, lr set before each step; "timm": SimMIM's
-    #                        timm CosineLRScheduler: the cosine spans every step *including* the warm-up, and the lr
-    #                        is updated after each optimizer step (so step i runs on the lr of step i - 1)
-    layer_decay: float = 0.65
-    drop_path: float = 0.1
-    weight_decay: float = 0.05
-    clip_grad: typing.Optional[float] = None  # global gradient-norm clip (SimMIM 5.0)
-    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range (timm default)
-    rand_augment: int = 9  # RandAugment magnitude with 2 ops (0 = off)
-    erasing: float = 0.25  # RandomErasing probability
-    mixup: float = 0.8  # Beta(alpha, alpha) of mixup (0 = off)
-    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix (0 = off)
-    switch_prob: float = 0.5  # with both on: the chance a batch takes cutmix
-    smoothing: float = 0.1  # label smoothing of the (mixed) soft targets
-
-
-def finetune_scale(img_size):
-    """Which recipe fits the images: by input size, not by dataset name, so a folder of 32-px images gets the
-    small-image recipe and not ImageNet's."""
-    return "small" if img_size <= 64 else "medium" if img_size <= 128 else "imagenet"
-
-
-def finetune_recipe(table, cfg):
-    """The recipe of a method's FINETUNE table for this run: table[scale], then table[model] (size-specific values,
-    e.g. ViT-L's 50 epochs) when the run is at ImageNet scale."""
-    scale = finetune_scale(cfg.img_size)
-    values = {**table.get(scale, {}), **(table.get(cfg.model, {}) if scale == "imagenet" else {})}
-    return FinetuneRecipe(**values)
-
-
-def finetune_lr(it, steps_per_epoch, epochs, lr, recipe, warmup_lr, min_lr):
-    """lr of fine-tuning iteration `it` (0-based, over all epochs) for a run of `epochs` epochs.
-    "mae" (MAE `util/lr_sched.py`, set before the step): warm-up from warmup_lr, then the half cosine over the
-    remaining epochs to min_lr. "timm" (SimMIM: timm CosineLRScheduler(t_initial=all steps, warmup_t, warmup_lr_init,
-    lr_min), `step_update(it)` *after* optimizer step it): f(t) = warm-up line for t < warmup steps, else the half
-    cosine over t / all steps; step it runs on f(it - 1), step 0 on f(0) = warmup_lr."""
-    warmup = recipe.warmup_epochs * epochs / recipe.epochs  # the recipe's share of warm-up
-    if recipe.schedule == "mae":
-        epoch = it / steps_per_epoch
-        if epoch < warmup:
-            return warmup_lr + (lr - warmup_lr) * epoch / warmup
-        return cosine_lr(epoch, lr, min_lr, warmup, epochs)
-    t, warmup_t = max(it - 1, 0), warmup * steps_per_epoch
-    if t < warmup_t:
-        return warmup_lr + (lr - warmup_lr) * t / warmup_t
-    return cosine_lr(t, lr, min_lr, 0, epochs * steps_per_epoch)
-
-
-def mix_batch(imgs, labels, num_classes, recipe, rng):
-    """timm's Mixup in "batch" mode with label smoothing: one lambda for the batch, image i mixed with image
-    B-1-i (the batch flipped). With both on, cutmix is chosen with p = switch_prob. Mixup: x = lam x + (1-lam) x',
-    lam ~ Beta(mixup, mixup). Cutmix: lam ~ Beta(cutmix, cutmix), a box of side sqrt(1-lam) x H (x W) centred at a
-    uniform pixel and clipped to the image is pasted from x', and lam becomes the area left (timm `correct_lam`).
-    Targets: smoothed one-hots (1 - s + s/C on the label, s/C elsewhere) mixed with the same lam, so each row sums
-    to 1. `rng`: a numpy Generator (seeded per step). Returns (images, soft targets [B, C])."""
-    off = recipe.smoothing / num_classes
-    y = torch.full((len(labels), num_classes), off, device=imgs.device)
-    y.scatter_(1, labels.unsqueeze(1), 1.0 - recipe.smoothing + off)  # [B, C] smoothed one-hot
-    if not (recipe.mixup or recipe.cutmix):
-        return imgs, y
-    use_cutmix = recipe.cutmix > 0 and (recipe.mixup == 0 or rng.random() < recipe.switch_prob)
-    if use_cutmix:
-        lam = rng.beta(recipe.cutmix, recipe.cutmix)
-        H, W = imgs.shape[-2:]
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = rng.integers(H), rng.integers(W)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
-        imgs = imgs.clone()
-        imgs[:, :, y0:y1, x0:x1] = imgs.flip(0)[:, :, y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
-    else:
-        lam = rng.beta(recipe.mixup, recipe.mixup)
-        imgs = imgs * lam + imgs.flip(0) * (1 - lam)
-    return imgs, y * lam + y.flip(0) * (1 - lam)
-
-
-def soft_target_cross_entropy(logits, targets):
-    """timm's SoftTargetCrossEntropy: -sum_c target_c log softmax(logits)_c, averaged over the batch."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def finetune_step(model, optimizer, scaler, imgs, targets, clip_grad, autocast):
-    """One fine-tuning step: forward under autocast, scaled backward (a GradScaler, enabled for fp16), the optional
-    clip on the unscaled gradients, step (skipped by the scaler on inf/NaN), zero_grad. Returns the loss."""
-    with autocast:
-        loss = soft_target_cross_entropy(model(imgs), targets)
-    scaler.scale(loss).backward()
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def finetune(encoder, run, epochs, recipe, pool="mean", name="pretrained"):
-    """Fine-tune a copy of the encoder on the labelled train split with `recipe` and return val top-1 (%) after the
-    last epoch (no best-epoch selection on val). Uses the recipe's batch size (else the pre-training one), the
-    run's precision and processes. Its random draws come from (seed, rank) in a fork of the global generators: the
-    pre-trained and the random-init fine-tunes see the same data order, augmentation and head init, and the
-    caller's random stream is untouched."""
-    cfg = run.cfg
-    transform = finetune_transform(cfg.img_size, recipe.crop_scale, recipe.rand_augment, recipe.erasing)
-    train_loader = build_eval_loader(cfg, "train", run.dist, transform=transform)
-    val_loader = build_eval_loader(cfg, "val", run.dist)
-    if train_loader is None or val_loader is None:
-        run.log("fine-tuning skipped: no labelled train/ and val/ split")
-        return None
-    world, rank = run.dist.world_size, run.dist.rank
-    with seeded_rng(mix_seed(cfg.seed, rank, 1), run.device):
-        encoder = copy.deepcopy(encoder).float().train()
-        encoder.requires_grad_(True)  # MAE fine-tunes the sin-cos table too (it becomes a learned embedding)
-        encoder.set_drop_path(recipe.drop_path)
-        num_classes = train_loader.dataset.num_classes
-        model = Classifier(encoder, num_classes, pool).to(run.device)
-        per_rank = recipe.batch_size or cfg.batch_size
-        if recipe.batch_size and recipe.batch_size * world > len(train_loader.dataset):  # (a handful of images)
-            per_rank = max(1, min(cfg.batch_size, len(train_loader.dataset) // world))
-            run.log(f"fine-tune: {len(train_loader.dataset)} labelled images, fewer than the recipe's batch "
-                    f"{recipe.batch_size} x {world}: batch {per_rank} per process")
-        batch = per_rank * world
-        lr = recipe.blr * batch / recipe.lr_batch_div
-        floor = batch / recipe.lr_batch_div if recipe.scale_floor else 1.0
-        opt = torch.optim.AdamW(layer_decay_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr,
-                                betas=(0.9, 0.999), fused=True)
-        scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
-        train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        sampler = torch.utils.data.DistributedSampler(train_loader.dataset, world, rank, seed=cfg.seed,
-                                                      drop_last=True) if world > 1 else None
-        loader = DataLoader(train_loader.dataset, batch_size=per_rank, sampler=sampler,
-                            shuffle=sampler is None, drop_last=True, num_workers=cfg.workers,
-                            persistent_workers=cfg.workers > 0, pin_memory=run.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        steps = len(loader)
-        if steps == 0:
-            run.log("fine-tuning skipped: fewer labelled images than one batch")
-            return None
-        run.log(f"fine-tune ({name}): {epochs} epochs of {steps} steps, lr {lr:.3g}, recipe "
-                + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
-        for epoch in range(epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            total = torch.zeros((), device=run.device)
-            for i, (imgs, y) in enumerate(progress(loader, run.is_main, desc=f"fine-tune {name} epoch {epoch}")):
-                it = epoch * steps + i
-                set_lr(opt, finetune_lr(it, steps, epochs, lr, recipe, recipe.warmup_lr * floor,
-                                        recipe.min_lr * floor))
-                imgs, targets = mix_batch(imgs.to(run.device), y.to(run.device), num_classes, recipe,
-                                          np.random.default_rng(mix_seed(cfg.seed, rank, it)))
-                loss = finetune_step(train_model, opt, scaler, imgs, targets, recipe.clip_grad, run.autocast())
-                total += loss.detach()
-            run.log(f"fine-tune {name} epoch {epoch}: loss {run.mean_over_ranks(total / steps).item():.4f}")
-        top1 = accuracy(model, val_loader, run)
-        run.log(f"fine-tune {name}: top-1 {top1}")
-        return top1
-
-
-@torch.no_grad()
-def accuracy(model, val_loader, run):
-    """Top-1 (%) on the val split, sharded over the ranks."""
-    model.eval()
-    correct = total = 0
-    for imgs, y in shard(val_loader, run.dist.rank, run.dist.world_size):
-        with run.autocast():
-            pred = model(imgs.to(run.device)).argmax(1)
-        correct += (pred == y.to(run.device)).sum().item()
-        total += len(y)
-    if run.dist.world_size > 1:
-        counts = torch.tensor([correct, total], device=run.device, dtype=torch.float64)
-        torch_dist.all_reduce(counts)
-        correct, total = counts.tolist()
-    return round(100.0 * correct / max(total, 1), 2)
-
-
 def initial_encoder(build_model, run):
     """The encoder as it was initialised before pre-training: built again from the run's seed (as Run seeds rank 0)
     in a fork of the generators, so the training's random stream is untouched."""
@@ -520,7 +268,7 @@ def monitors(encoder, build_model, run):
             return evaluate(encoder, baseline, run)
 
 
-def report(method, encoder, build_model, run, finetune_table=None):
+def report(method, encoder, build_model, run):
     """End of a run: encoder.pth (timm names) at once, then the monitors (with the random-init baseline) and
     results.json -- both before any fine-tuning, so a failure there loses neither -- then the optional fine-tuning
     (and its random-init baseline with --finetune-baseline), added to results.json. A stop signal during the
@@ -545,16 +293,9 @@ def report(method, encoder, build_model, run, finetune_table=None):
                 f"monitors again with --eval-only --resume auto --out {run.out}")
         barrier()
         raise Preempted()
-    if cfg.finetune_epochs:
-        recipe = finetune_recipe(finetune_table or {}, cfg)
-        tuned = {"epochs": cfg.finetune_epochs, "recipe": asdict(recipe),
-                 "pretrained": finetune(encoder, run, cfg.finetune_epochs, recipe)}
-        if cfg.finetune_baseline:
-            tuned["random_init"] = finetune(initial_encoder(build_model, run), run, cfg.finetune_epochs, recipe,
-                                            name="random-init")
-        results["finetune"] = tuned
-        run.log(f"fine-tune top-1 after {cfg.finetune_epochs} epochs: {tuned['pretrained']}"
-                + (f" (random init: {tuned['random_init']})" if "random_init" in tuned else ""))
+    if cfg.finetune_epochs:  # finetune.py's program on the encoder.pth just written, into <out>/finetune
+        from finetune import after_pretraining
+        results["finetune"] = after_pretraining(run)
         run.write_json("results.json", results)
     run.log(f"fine-tune it: python finetune.py --init {run.out}/encoder.pth   (--linear-probe for MAE's linear probe)")
     return results

@@ -13,7 +13,8 @@ import convmae
 import mae
 from common import UserError
 from common.data import build_train_data, mix_seed, seeded_rng
-from common.evaluation import Classifier, finetune, finetune_recipe, layer_decay_groups
+import finetune
+from finetune import Classifier, layer_decay_groups
 from common.training import Dist, parse_config, resolve_amp
 from common.vit import count_params
 from conftest import read_log, run_script
@@ -387,8 +388,8 @@ def test_cli_end_to_end(tmp_path, tiny):
     out = tmp_path / "run"
     args = [*tiny, "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--out", out]
     # --blr 0.02 (lr 1.25e-3): 8 steps move the encoder far enough that its fine-tune differs from the init's
-    proc = run_script("convmae.py", *args, "--eval-every", "1", "--finetune-epochs", "1", "--blr", "0.02",
-                      env=ONE_THREAD)
+    run_script("convmae.py", *args, "--eval-every", "1", "--finetune-epochs", "1", "--blr", "0.02",
+               env=ONE_THREAD)
     for name in ("config.json", "log.jsonl", "checkpoint.pth", "encoder.pth", "recon_e0.png", "recon_e1.png",
                  "results.json"):
         assert (out / name).is_file(), name
@@ -411,13 +412,17 @@ def test_cli_end_to_end(tmp_path, tiny):
     with run.autocast():
         first = model(imgs, 0.75, noise)[0].item()
     assert steps[0]["loss"] == pytest.approx(first, rel=1e-5)
-    # the fine-tune again here: FINETUNE["small"] for 1 epoch on the exported encoder, the same top-1 and the same
-    # training loss (the top-1 of 4 steps is near chance for any encoder; the loss tells encoders apart)
-    encoder = ConvViT(16, 4, "vit_nano")
-    encoder.load_state_dict(torch.load(out / "encoder.pth", weights_only=True))
-    assert results["finetune"]["pretrained"] == finetune(encoder, run, 1, finetune_recipe(convmae.FINETUNE, cfg))
-    (line,) = [m for m in run.logs if m.startswith("fine-tune pretrained epoch 0: loss")]
-    assert line in proc.stdout.splitlines()
+    # the fine-tune again here: finetune.py on the exported encoder with FINETUNE["small"] for 1 epoch, as the run's
+    # --finetune-epochs ran it: the same top-1 and the same training loss (the top-1 of 4 steps is near chance for
+    # any encoder; the loss tells encoders apart)
+    saved = json.loads((out / "finetune" / "config.json").read_text())
+    assert saved["init"] == str(out / "encoder.pth") and saved["epochs"] == 1 and saved["layer_decay"] == 0.75
+    again = finetune.main(["--init", str(out / "encoder.pth"), "--epochs", "1", "--warmup-epochs",
+                           str(saved["warmup_epochs"]), "--batch-size", str(saved["batch_size"]), "--subset",
+                           str(cfg.subset), "--img-size", "16", "--workers", "0", "--out", str(tmp_path / "again")])
+    assert results["finetune"]["pretrained"] == again["top1"]
+    line = next(m for m in (tmp_path / "again" / "log.jsonl").read_text().splitlines() if '"kind": "epoch"' in m)
+    assert json.loads(line)["loss"] == read_log(out / "finetune", "epoch")[0]["loss"]
     assert_exported_encoder_is_the_trained_one(out)
     assert [e["epoch"] for e in read_log(out, "eval")] == [0]
     encoder = torch.load(out / "encoder.pth", weights_only=True)

@@ -1,4 +1,6 @@
-"""common/evaluation.py: kNN, linear probe, layer-wise lr decay, the fine-tuning classifier, image grids."""
+"""common/evaluation.py: kNN, linear probe, image grids; and the pieces of finetune.py's fine-tuning (layer-wise lr
+decay, the classifier, mixup / cutmix, the schedules, the step, validation)."""
+import dataclasses
 import json
 import math
 import re
@@ -10,13 +12,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+import finetune
 import mae
 import simmim
 from common import evaluation
-from common.evaluation import (Classifier, FinetuneRecipe, accuracy, codebook_stats, codebook_usage_bars, evaluate,
-                               extract_features, finetune, finetune_lr, finetune_recipe, finetune_step, gather_rows,
-                               initial_encoder, knn_accuracy, layer_decay_groups, layer_id, linear_probe, mix_batch,
-                               save_image_grid, shard, soft_target_cross_entropy)
+from common.evaluation import (codebook_stats, codebook_usage_bars, evaluate, extract_features, gather_rows,
+                               initial_encoder, knn_accuracy, linear_probe, save_image_grid, shard)
+from finetune import (Classifier, FinetuneRecipe, finetune_lr, finetune_recipe, finetune_step, layer_decay_groups,
+                      layer_id, mix_batch, soft_target_cross_entropy, validate)
 from common.data import mix_seed
 from common.training import Dist
 from common.vit import VisionTransformer, drop_path_rates
@@ -411,21 +414,22 @@ class SignRule(torch.nn.Module):
         return -logits if self.training else logits
 
 
-def test_accuracy_is_top1_over_the_whole_val_split_in_eval_mode(monkeypatch):
+def test_validate_is_top1_over_the_whole_val_split_in_eval_mode(monkeypatch):
     imgs = torch.tensor([1.0, -2.0, 3.0, 4.0, -5.0, 6.0, -7.0]).view(7, 1, 1, 1)
     labels = torch.tensor([1, 0, 0, 1, 1, 1, 0])  # predictions 1 0 1 1 0 1 0: 5 of 7 right
     loader = DataLoader(TensorDataset(imgs, labels), batch_size=3)
     model = SignRule().train()
-    assert accuracy(model, loader, fake_run()) == round(100 * 5 / 7, 2) == 71.43
+    assert validate(model, loader, fake_run()) == (round(100 * 5 / 7, 2), 100.0) and model.training
+    assert validate(model, loader, fake_run())[0] == 71.43  # (top-5 of 2 classes: every image)
     # rank 1 of 2 counts its chunk (images 4..6: 2 of 3 right); the fake all_reduce adds rank 0's (3 of 4)
     reduced = []
 
     def all_reduce(t):
         reduced.append(t.tolist())
-        t.add_(torch.tensor([3.0, 4.0], dtype=t.dtype))
+        t.add_(torch.tensor([3.0, 4.0, 4.0], dtype=t.dtype))
 
-    monkeypatch.setattr(evaluation.torch_dist, "all_reduce", all_reduce)
-    assert accuracy(model.train(), loader, fake_run(rank=1, world=2)) == 71.43 and reduced == [[2.0, 3.0]]
+    monkeypatch.setattr(finetune.torch_dist, "all_reduce", all_reduce)
+    assert validate(model.train(), loader, fake_run(rank=1, world=2))[0] == 71.43 and reduced == [[2.0, 3.0, 3.0]]
 
 
 def test_codebook_stats_and_usage_bars_by_hand():
@@ -459,25 +463,26 @@ def test_initial_encoder_is_the_runs_init_and_leaves_the_random_stream_alone():
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_finetune_in_process_follows_the_recipe(monkeypatch):
-    """finetune() on synthetic data in this process, with spies on its pieces: the lr of every step is
+def test_finetune_in_process_follows_the_recipe(monkeypatch, tmp_path, capsys):
+    """finetune.py's main() on synthetic data in this process, with spies on its pieces: the lr of every step is
     finetune_lr's for the run's batch (floors scaled by batch / 256 with scale_floor), each group at its layer-decay
-    scale; a copy of the encoder is tuned (drop path as the recipe says, the sin-cos table trainable) and the
-    caller's encoder and random stream stay as they were; mixup/cutmix draw from a generator of (seed, rank, step);
-    each epoch's logged loss is the mean of its steps; the top-1 returned is the tuned model's on the val split."""
-    recipe = FinetuneRecipe(epochs=4, warmup_epochs=1, blr=5e-2, min_lr=1e-4, warmup_lr=1e-5, scale_floor=True,
-                            layer_decay=0.5, drop_path=0.2, crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0,
-                            mixup=0.0, cutmix=0.0, smoothing=0.1)
-    run = fake_run(synthetic_cfg(subset=32))  # 32 labelled images, batch 8: 4 steps an epoch
+    scale; the encoder of encoder.pth is tuned (drop path as the recipe says, the sin-cos table trainable);
+    mixup/cutmix draw from a generator of (seed, rank, step); each epoch's logged loss is the mean of its steps; the
+    top-1 returned is the tuned model's on the val split."""
+    recipe = dict(epochs=2, warmup_epochs=0.5, blr=5e-2, min_lr=1e-4, warmup_lr=1e-5, scale_floor=True,
+                  layer_decay=0.5, drop_path=0.2, crop_scale=(0.5, 1.0), rand_augment=0, erasing=0.0, mixup=0.0,
+                  cutmix=0.0, smoothing=0.1, batch_size=8)
+    pretrain = mae.Config(model="vit_nano", img_size=16, patch_size=4)
     torch.manual_seed(0)
-    enc = tiny_encoder()
-    original = {k: v.clone() for k, v in enc.state_dict().items()}
+    torch.save(mae.build_model(pretrain).encoder.state_dict(), tmp_path / "encoder.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"method": "mae", **vars(pretrain)}))
     lrs, losses, models, rngs = [], [], [], []
-    set_lr, step, classifier, mix = evaluation.set_lr, evaluation.finetune_step, evaluation.Classifier, mix_batch
+    set_lr, step, classifier, mix = finetune.set_lr, finetune.finetune_step, finetune.Classifier, mix_batch
 
     def spy_set_lr(opt, lr):
         set_lr(opt, lr)
         lrs.append((lr, [(g["lr"], g["lr_scale"]) for g in opt.param_groups]))
+        return lr
 
     def spy_step(*args):
         losses.append(step(*args).item())
@@ -491,18 +496,23 @@ def test_finetune_in_process_follows_the_recipe(monkeypatch):
         rngs.append(rng.bit_generator.state)
         return mix(imgs, labels, num_classes, recipe, rng)
 
-    monkeypatch.setattr(evaluation, "set_lr", spy_set_lr)
-    monkeypatch.setattr(evaluation, "finetune_step", spy_step)
-    monkeypatch.setattr(evaluation, "Classifier", spy_classifier)
-    monkeypatch.setattr(evaluation, "mix_batch", spy_mix)
-    torch.manual_seed(11)
-    draw = torch.rand(3)
-    torch.manual_seed(11)
-    top1 = finetune(enc, run, 2, recipe)
-    assert torch.equal(torch.rand(3), draw)
-    assert all(torch.equal(enc.state_dict()[k], v) for k, v in original.items()) and hasattr(enc.norm, "weight")
-    lr, floor = 5e-2 * 8 / 256, 8 / 256
-    assert [x for x, _ in lrs] == pytest.approx([finetune_lr(it, 4, 2, lr, recipe, 1e-5 * floor, 1e-4 * floor)
+    preset, flags = finetune.recipe_preset, {f.name for f in dataclasses.fields(finetune.Config)}
+
+    def with_recipe(*args):  # the method's table, replaced by `recipe`
+        given, values = preset(*args)
+        return {**given, **{k: v for k, v in recipe.items() if k in flags}}, {**values, **recipe}
+
+    monkeypatch.setattr(finetune, "recipe_preset", with_recipe)
+    monkeypatch.setattr(finetune, "set_lr", spy_set_lr)
+    monkeypatch.setattr(finetune, "finetune_step", spy_step)
+    monkeypatch.setattr(finetune, "Classifier", spy_classifier)
+    monkeypatch.setattr(finetune, "mix_batch", spy_mix)
+    enc = torch.load(tmp_path / "encoder.pth", weights_only=True)
+    results = finetune.main(["--init", str(tmp_path / "encoder.pth"), "--data", "synthetic", "--subset", "32",
+                             "--workers", "0", "--amp", "fp32", "--log-every", "1", "--out", str(tmp_path / "ft")])
+    lr, floor = 5e-2 * 8 / 256, 8 / 256  # 32 labelled images, batch 8: 4 steps an epoch
+    rec = FinetuneRecipe(**recipe)
+    assert [x for x, _ in lrs] == pytest.approx([finetune_lr(it, 4, 2, lr, rec, 1e-5 * floor, 1e-4 * floor)
                                                  for it in range(8)])
     assert rngs == [np.random.default_rng(mix_seed(0, 0, it)).bit_generator.state for it in range(8)]  # per step
     for x, groups in lrs:
@@ -510,14 +520,16 @@ def test_finetune_in_process_follows_the_recipe(monkeypatch):
         assert all(g == pytest.approx(x * s) for g, s in groups)
     (model,) = models
     assert [b.drop_path.drop_prob for b in model.encoder.blocks] == pytest.approx(drop_path_rates(0.2, 2))
-    assert model.encoder.pos_embed.requires_grad and not torch.equal(model.encoder.pos_embed, enc.pos_embed)
-    epoch_losses = [float(m.split("loss ")[1]) for m in run.logs if re.match(r"fine-tune pretrained epoch \d", m)]
+    assert model.encoder.pos_embed.requires_grad and not torch.equal(model.encoder.pos_embed, enc["pos_embed"])
+    out = capsys.readouterr().out
+    epoch_losses = [float(x) for x in re.findall(r"fine-tune pretrained epoch \d: loss ([\d.]+)", out)]
     assert epoch_losses == pytest.approx([np.mean(losses[:4]), np.mean(losses[4:])], abs=1e-4)
-    val = evaluation.build_eval_loader(run.cfg, "val", run.dist)
+    cfg = synthetic_cfg(subset=32)
+    val = evaluation.build_eval_loader(cfg, "val", SimpleNamespace(device=CPU))
     model.eval()
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
-    assert top1 == round(100 * correct / 32, 2)
+    assert results["top1"] == round(100 * correct / 32, 2)
 
 
 def test_image_grid(tmp_path):

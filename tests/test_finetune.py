@@ -39,7 +39,8 @@ def test_a_run_writes_its_files_and_model_pth_loads_strict_into_timm(encoder_pat
     timm = pytest.importorskip("timm")
     out = tmp_path / "ft"
     proc = run_script("finetune.py", "--init", encoder_path, *FT, "--epochs", "2", "--out", out)
-    assert "fine-tune of" in proc.stdout and "(mae vit_nano" in proc.stdout
+    assert "fine-tune (pretrained): 2 epochs of 8 steps, lr 0.000125, from" in proc.stdout
+    assert "(mae vit_nano, ours layout)" in proc.stdout
     epochs = read_log(out, "epoch")
     assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["top1"] <= e["top5"] <= 100 for e in epochs)
     results = json.loads((out / "results.json").read_text())
@@ -123,7 +124,7 @@ def test_linear_probe_trains_only_its_head_and_eval_only_reads_a_checkpoint(enco
         "head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
     top1 = json.loads((out / "results.json").read_text())["top1"]
     proc = run_script("finetune.py", "--eval-only", "--resume", out / "checkpoint.pth", "--out", tmp_path / "eval")
-    assert f"val top-1 {top1}," in proc.stdout
+    assert f"linear probe pretrained: top-1 {top1}\n" in proc.stdout
 
 
 def test_linear_probe_model_trains_the_head_alone(encoder_path):

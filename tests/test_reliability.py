@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import mae
-from common.evaluation import finetune_recipe
+from finetune import finetune_recipe
 from common import UserError
 from common.training import atomic_save, cli
 from conftest import ROOT, TINY, read_log, run_script
