@@ -785,7 +785,7 @@ def main(argv=None):
     mode, name = "linear probe" if cfg.linear_probe else "fine-tune", "random-init" if cfg.random_init else "pretrained"
     run.log(f"{mode} ({name}): {cfg.epochs} epochs of {data.steps_per_epoch} steps, lr {cfg.lr:.3g}, from "
             f"{source.path}{' (its architecture, randomly initialised)' if cfg.random_init else ''} ({source.method} "
-            f"{source.pretrain['model']}, {source.layout} layout), {count_params(model) / 1e6:.2f}M trainable "
+            f"{source.pretrain['model']}, {source.layout} layout), {count_params(model):,} trainable "
             f"parameters, {num_classes} classes, recipe " + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()))
     best = best_so_far(run.out)
     t0 = time.perf_counter()
