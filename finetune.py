@@ -832,7 +832,7 @@ def main(argv=None):
                 run.save_file(record, "best.pth")
             if run.done:
                 break
-        run.finish_training(time.perf_counter() - t0, "fine-tuning")
+        run.finish_training(time.perf_counter() - t0, mode)
 
     if cfg.eval_only or start_epoch == cfg.epochs:  # nothing trained here: validate what was loaded
         top1, top5 = validate(model, val_loader, run)
