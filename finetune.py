@@ -521,12 +521,16 @@ def finetune_scale(img_size):
     return "small" if img_size <= 64 else "medium" if img_size <= 128 else "imagenet"
 
 
+def recipe_values(table, img_size, model):
+    """The values a method's FINETUNE table gives images of `img_size` and a `model`: table[scale], then table[model]
+    (size-specific values, e.g. ViT-L's 50 epochs) when the run is at ImageNet scale."""
+    scale = finetune_scale(img_size)
+    return {**table.get(scale, {}), **(table.get(model, {}) if scale == "imagenet" else {})}
+
+
 def finetune_recipe(table, cfg):
-    """The recipe of a method's FINETUNE table for this run: table[scale], then table[model] (size-specific values,
-    e.g. ViT-L's 50 epochs) when the run is at ImageNet scale."""
-    scale = finetune_scale(cfg.img_size)
-    values = {**table.get(scale, {}), **(table.get(cfg.model, {}) if scale == "imagenet" else {})}
-    return FinetuneRecipe(**values)
+    """The recipe of a method's FINETUNE table for this run (its image size and model)."""
+    return FinetuneRecipe(**recipe_values(table, cfg.img_size, cfg.model))
 
 
 def finetune_lr(it, steps_per_epoch, epochs, lr, recipe, warmup_lr, min_lr):
@@ -683,8 +687,6 @@ class Config(TrainConfig):
 
     def check(self):
         super().check()
-        if not self.init and not self.resume:
-            raise UserError("--init is required: the encoder.pth of a pre-training run, or an official checkpoint")
         if self.pool not in ("mean", "cls"):
             raise UserError(f"--pool {self.pool!r}: choose mean or cls")
 
@@ -699,8 +701,7 @@ def recipe_preset(source, data, img_size, linear_probe):
         values = {**PLAIN, **LINEAR_PROBE[finetune_scale(size)]}
     else:
         table = importlib.import_module(source.method).FINETUNE if source.method in METHODS else {}
-        scale = finetune_scale(size)
-        values = {**table.get(scale, {}), **(table.get(model, {}) if scale == "imagenet" else {})}
+        values = recipe_values(table, size, model)
     names = {f.name for f in fields(Config)}
     preset = {k: v for k, v in values.items() if k in names and v is not None}
     preset.update(model=model, patch_size=source.pretrain["patch_size"])
@@ -852,13 +853,12 @@ def after_pretraining(run):
     wrote, into <out>/finetune (and <out>/finetune-random-init), N epochs of the method's recipe for its data with the
     warm-up keeping its share, the run's data, size, seed, precision and processes. Returns results.json's entry."""
     cfg = run.cfg
-    if run_dataset(cfg, "train") is None or run_dataset(cfg, "val") is None:
+    train_set = run_dataset(cfg, "train")
+    if train_set is None or run_dataset(cfg, "val") is None:
         run.log("fine-tuning skipped: no labelled train/ and val/ split")
         return None
-    source = read_init(str(run.out / "encoder.pth"))
-    _, values = recipe_preset(source, cfg.data, cfg.img_size, False)
-    recipe = FinetuneRecipe(**{k: v for k, v in values.items() if k in {f.name for f in fields(FinetuneRecipe)}})
-    labelled = len(run_dataset(cfg, "train")) // run.dist.world_size
+    recipe = finetune_recipe(importlib.import_module(run.method).FINETUNE, cfg)
+    labelled = len(train_set) // run.dist.world_size
     batch = recipe.batch_size or cfg.batch_size
     if batch > labelled:  # (a handful of images)
         batch = max(1, min(cfg.batch_size, labelled))

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, mix_seed, seeded_rng, stratified_indices
-from .training import Preempted, barrier, cosine_lr, progress, set_lr
+from .training import Preempted, barrier, cosine_lr, on_any_rank, progress, set_lr
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -142,12 +142,7 @@ def stop_requested(run):
 
 def stop_agreed(run):
     """stop_requested on any rank, agreed by all: every rank calls it at the same point of the monitors."""
-    stop = stop_requested(run)
-    if run.dist.world_size > 1:
-        flag = torch.tensor(float(stop), device=run.device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    return stop
+    return on_any_rank(stop_requested(run), run.dist.world_size, run.device)
 
 
 def probe(encoder, train_loader, val_loader, num_classes, run):

@@ -410,6 +410,16 @@ def setup_distributed(device=""):
     return Dist(rank, world, local, device)
 
 
+def on_any_rank(flag, world_size, device):
+    """Whether `flag` is true on any process (an all-reduce MAX on `device`, a host sync; `flag` itself in one
+    process). Every rank must call it at the same point."""
+    if world_size == 1:
+        return bool(flag)
+    value = torch.tensor(float(flag), device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def barrier():
     if torch_dist.is_initialized():
         torch_dist.barrier()
@@ -737,9 +747,7 @@ class Run:
             return self.stop.requested
         if self.global_step % self.cfg.log_every:
             return False
-        flag = torch.tensor(float(self.stop.requested), device=self.device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return on_any_rank(self.stop.requested, self.dist.world_size, self.device)
 
     def log_epoch(self, epoch, **extra):
         """The epoch's summary: mean loss and speed on the console and in log.jsonl (a host sync)."""
