@@ -195,11 +195,11 @@ def test_one_graph_in_two_processes(tmp_path, teacher):
              + (["--teacher", str(teacher)] if m == "beit2" else [])] for m in METHODS]
     port = 29700 + sum(map(ord, str(tmp_path))) % 200
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(ROOT / "tests" / "graph_worker.py"), json.dumps(runs)], cwd=ROOT,
+                           str(port), str(ROOT / "tests" / "graph_worker.py"), json.dumps(runs), str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, env={**os.environ, **ONE_THREAD})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"method"')),
-                  key=lambda r: (list(METHODS).index(r["method"]), r["rank"]))
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
+    rows = sorted(map(json.loads, lines), key=lambda r: (list(METHODS).index(r["method"]), r["rank"]))
     assert rows == [{"method": m, "rank": r, "compiled": COMPILED[m], "graphs": len(COMPILED[m]), "breaks": 0}
                     for m in METHODS for r in (0, 1)]
 
