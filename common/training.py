@@ -519,20 +519,28 @@ class NonFiniteError(Exception):
 
 class StopSignal:
     """SIGTERM / SIGINT (cluster preemption, Ctrl-C): the first asks the loop to finish its step, save and exit (the
-    monitors at the end of a run: to stop at their next batch); a second one exits at once."""
+    monitors at the end of a run: to stop at their next batch); a second one exits at once.
+    Under torchrun one stop often arrives twice: Ctrl-C (or a scheduler's signal to the job) reaches the workers and
+    torchrun, which forwards it to them at once. So there, a repeat within FORWARD_WINDOW seconds of the first
+    counts as the same stop; torchrun ends the workers itself if they take more than 30 s to save."""
+
+    FORWARD_WINDOW = 2.0
 
     def __init__(self, log):
-        self.requested, self.log = False, log
+        self.requested, self.log, self.first_at = False, log, None
         self.action = "finishing this step, then saving a checkpoint"  # what the first signal does, for its message
+        self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.requested:  # second signal: restore the default action and re-deliver it
-            signal.signal(signum, signal.SIG_DFL)
+        if self.requested:
+            if self.under_torchrun and time.monotonic() - self.first_at < self.FORWARD_WINDOW:
+                return  # torchrun forwarding the signal this process got too
+            signal.signal(signum, signal.SIG_DFL)  # a second signal: restore the default action and re-deliver it
             os.kill(os.getpid(), signum)
             return
-        self.requested = True
+        self.requested, self.first_at = True, time.monotonic()
         self.log(f"received {signal.Signals(signum).name}: {self.action} (send it again to exit at once)")
 
 

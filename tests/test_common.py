@@ -358,6 +358,30 @@ def process_state():
     random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
 
 
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_a_signal_forwarded_by_torchrun_is_not_a_second_signal(under_torchrun, monkeypatch, process_state):
+    """Ctrl-C under torchrun reaches a worker twice within milliseconds (from the terminal and forwarded by torchrun):
+    there that is one stop, so the worker still saves; a repeat after the window, or any repeat outside torchrun,
+    exits at once (the default action re-delivered)."""
+    from common.training import StopSignal
+    if under_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    delivered = []
+    monkeypatch.setattr("common.training.os.kill", lambda pid, sig: delivered.append(sig))
+    clock = iter([100.0, 100.01, 103.0])
+    monkeypatch.setattr("common.training.time.monotonic", lambda: next(clock))
+    stop = StopSignal(log=lambda line: None)
+    stop.handle(signal.SIGINT, None)  # t = 100: the stop
+    assert stop.requested and delivered == []
+    stop.handle(signal.SIGINT, None)  # t = 100.01: torchrun's forward (outside torchrun: a real second Ctrl-C)
+    assert delivered == ([] if under_torchrun else [signal.SIGINT])
+    if under_torchrun:
+        stop.handle(signal.SIGINT, None)  # t = 103: the user's second Ctrl-C
+        assert delivered == [signal.SIGINT]
+
+
 def test_config_presets_cli_and_help():
     presets = {"demo": {"epochs": 3, "warmup_epochs": 1, "batch_size": 8}}
     cfg, applied = parse_config(TrainConfig, presets, ["--batch-size", "4", "--model", "vit_nano"])
