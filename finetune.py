@@ -826,6 +826,7 @@ def main(argv=None):
                 run.write_log(kind="eval", epoch=epoch, top1=top1, top5=top5)
             run.log(f"{mode} {name} epoch {epoch}: loss {run.last_loss:.4f}, val top-1 {top1}, top-5 {top5}"
                     + (" (best)" if top1 > best["top1"] else ""))
+            run.bar_extra = {"val_top1": str(top1), "val_top5": str(top5)}  # the next epoch's progress bar shows them
             record = {"model": model.state_dict(), "epoch": epoch, "top1": top1, "top5": top5}
             run.save_file(record, "last.pth")
             if top1 > best["top1"]:

@@ -608,6 +608,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.model = self.optimizer = None
         self.global_step, self.done, self.preempted, self.bar, self.log_file, self.last_loss = 0, False, False, None, None, None
+        self.bar_extra = {}  # shown on the progress bar beside the step's numbers (finetune.py: the last validation)
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def check_out_dir(self):
@@ -676,7 +677,8 @@ class Run:
         self.epoch_steps, self.epoch_t0 = 0, time.perf_counter()
         self.last_log_t, self.last_log_step = time.perf_counter(), epoch * steps_per_epoch + start_step
         self.epoch = epoch
-        self.bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", is_main=self.is_main)
+        self.bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", is_main=self.is_main,
+                            postfix=self.bar_extra or None)
         self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation of the previous epoch is discarded
 
     def log_step(self, epoch, step, loss, lr, grad_norm=None):
@@ -700,7 +702,7 @@ class Run:
             self.log(f"step {it} (epoch {self.epoch}, {step + 1}/{self.steps_per_epoch}): loss {loss:.4f}, "
                      f"lr {lr:.2e}, {speed(imgs_per_s)}")
         else:
-            self.bar.set_postfix(step=it, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=speed(imgs_per_s))
+            self.bar.set_postfix(step=it, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=speed(imgs_per_s), **self.bar_extra)
         self.write_log(kind="step", step=it, loss=loss, lr=lr, img_per_s=round(imgs_per_s, 1))
 
     def is_last_step(self, epoch, step):

@@ -68,6 +68,23 @@ def test_a_run_writes_its_files_and_model_pth_loads_strict_into_timm(encoder_pat
     assert not torch.equal(ours.encoder.blocks[0].attn.qkv.weight, pretrained["blocks.0.attn.qkv.weight"])  # trained
 
 
+def test_the_progress_bar_shows_the_last_validation(encoder_path, tmp_path, monkeypatch, capsys):
+    """On a terminal, epoch 1's progress bar carries epoch 0's validation top-1 and top-5 beside the step's loss."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr("common.training.interactive", lambda: True)
+    try:
+        finetune.main(["--init", str(encoder_path), *FT, "--epochs", "2", "--out", str(tmp_path / "ft")])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    top1, top5 = (read_log(tmp_path / "ft", "epoch")[0][k] for k in ("top1", "top5"))
+    redraws = re.split(r"[\r\n]", capsys.readouterr().err)  # each redraw of a bar
+    epoch0, epoch1 = ([r for r in redraws if r.startswith(f"epoch {e}:")] for e in (0, 1))
+    assert epoch0 and not any("val_top1" in r for r in epoch0)  # nothing validated yet
+    assert all(re.search(rf"val_top1={top1}, val_top5={top5}\]$", r) for r in epoch1)
+    assert any(re.search(r"loss=[\d.]+, .*val_top1=", r) for r in epoch1)  # beside the step's loss
+
+
 def test_ctrl_c_then_resume_auto_ends_bitwise_as_one_run(encoder_path, tmp_path):
     """SIGINT mid-epoch, then `--resume auto --out DIR`: the same logged losses and bitwise the same weights as an
     uninterrupted run (drop path draws from the global generator, mixup from (seed, rank, step))."""
