@@ -669,10 +669,9 @@ def main():
                 run.write_log(kind="eval", epoch=epoch, **monitors(model.encoder, build_model, run))
         run.finish_training(time.perf_counter() - t0)
 
-    results = report("beit2", model.encoder, build_model, run)  # monitors, encoder.pth, results.json, ...
-    results["mlm_acc"] = mlm_acc  # of the last epoch (None with --eval-only)
-    results["tokenizer"] = {"path": str(tokenizer_path), **load_file(tokenizer_path, "tokenizer").get("stats", {})}
-    run.write_json("results.json", results)
+    tokenizer = {"path": str(tokenizer_path), **load_file(tokenizer_path, "tokenizer").get("stats", {})}
+    # encoder.pth, the monitors, results.json (with the last epoch's accuracy: None with --eval-only), fine-tuning
+    report("beit2", model.encoder, build_model, run, extra={"mlm_acc": mlm_acc, "tokenizer": tokenizer})
 
 
 # ---------------------------------------------------------------------------------------------------------------- #

@@ -44,7 +44,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, build_train_data, eval_transform,
                          preview_images, run_dataset, seeded_rng)
-from common.evaluation import gather_rows, knn_accuracy, linear_probe, save_image_grid, shard
+from common.evaluation import (STOP_MONITORS, eval_image_caps, gather_rows, knn_accuracy, linear_probe,
+                               save_image_grid, shard, stop_action, stop_agreed, stop_hook, stop_requested,
+                               write_results)
 from common.training import (Run, TrainConfig, barrier, cli, cosine_lr, load_file, param_groups, parse_config,
                              progress, scaled_lr, set_grad_sync, set_lr)
 from common.vit import VIT_SIZES, count_params, run_block, set_grad_checkpointing
@@ -409,7 +411,6 @@ class Config(TrainConfig):
     crop_min: float = 0.34  # random square crop, area fraction from crop_min ... (1 = the whole image, flips only)
     crop_max: float = 0.77  # ... to crop_max (paper: shorter side 256-384, random 224 crop = 0.34-0.77)
     n_samples: int = 8  # images in each epoch's completion / sample grid
-    eval_images: int = 0  # probe, kNN and val nats/token on at most N labelled train and N val images (0 = all)
     finetune_lr: float = 0.0  # fine-tuning lr (0 = the pre-training peak lr; constant, as the paper)
     epochs: int = 100  # pre-training epochs (paper: 1 M iterations at batch 128, about 100 ImageNet epochs)
     batch_size: int = 128  # images per process per step (paper: 128 in all)
@@ -437,7 +438,7 @@ class Config(TrainConfig):
         for name in ("palette_images", "palette_pixels"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("n_samples", "eval_images", "finetune_lr"):
+        for name in ("n_samples", "finetune_lr"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         dim, _, heads = model_dims(self.model)
@@ -511,14 +512,15 @@ def main():
                 if run.should_checkpoint(step):  # every --ckpt-every-steps
                     run.save_checkpoint(epoch, step + 1)
             start_step = 0
-            if run.done:
-                break
-            run.log_epoch(epoch)
-            run.save_checkpoint(epoch + 1, 0)
+            if not run.done:  # (--max-steps ends mid-epoch: no epoch summary, but the samples of where it stopped)
+                run.log_epoch(epoch)
+                run.save_checkpoint(epoch + 1, 0)
             if run.is_main and cfg.n_samples:
                 save_samples(model, fixed.to(run.device), run.out / f"samples_e{epoch}.png",
                              f"iGPT {cfg.model} {cfg.objective}, epoch {epoch}, loss {run.last_loss:.3f} nats/token",
                              run.autocast(), seed=cfg.seed)
+            if run.done:
+                break
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 run.write_log(kind="eval", epoch=epoch, **layer_monitors(model, run))
         run.finish_training(time.perf_counter() - t0)
@@ -554,14 +556,15 @@ PRESETS = {
 #                                                    evaluation                                                      #
 # ---------------------------------------------------------------------------------------------------------------- #
 def eval_split(cfg, split, run):
-    """The labelled split, at most --eval-images of it, this rank's contiguous chunk (common's shard()). None when
-    there is none."""
+    """The labelled split, its first n images (n: common's eval_image_caps, from --eval-images or a --max-steps run's
+    cap), this rank's contiguous chunk (common's shard()). None when there is none."""
     loader = build_eval_loader(cfg, split, run.dist)
     if loader is None:
         return None, 0
     num_classes = loader.dataset.num_classes
-    if cfg.eval_images and cfg.eval_images < len(loader.dataset):
-        loader = DataLoader(Subset(loader.dataset, range(cfg.eval_images)), batch_size=loader.batch_size,
+    n = eval_image_caps(cfg)[0 if split == "train" else 1]
+    if n and n < len(loader.dataset):
+        loader = DataLoader(Subset(loader.dataset, range(n)), batch_size=loader.batch_size,
                             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
                             worker_init_fn=loader.worker_init_fn)
     return shard(loader, run.dist.rank, run.dist.world_size), num_classes
@@ -578,6 +581,8 @@ def layer_features(model, loader, run, seed=0):
     g = torch.Generator(device=run.device).manual_seed(seed)
     feats, labels, nats, count = [], [], torch.zeros((), dtype=torch.float64, device=run.device), 0
     for imgs, y in progress(loader, run.is_main, desc="features"):
+        if stop_requested(run):  # a stop signal: this rank's features end here (probe_layers then drops them)
+            break
         imgs = imgs.to(run.device, non_blocking=True)
         x = model.tokenize(imgs)  # [b, N]
         mask = None
@@ -607,15 +612,24 @@ def layer_features(model, loader, run, seed=0):
 
 
 def probe_layers(model, train_loader, val_loader, num_classes, run):
-    """Linear probe and kNN of every layer's features, the best layer by linear-probe accuracy, and the val loss."""
-    tr, tr_y, _ = layer_features(model, train_loader, run, seed=run.cfg.seed)
-    va, va_y, (nats, tokens) = layer_features(model, val_loader, run, seed=run.cfg.seed + 1)
-    if not run.is_main:
+    """Linear probe and kNN of every layer's features, the best layer by linear-probe accuracy, and the val loss.
+    A stop signal ends it at the next batch, chunk or step: it then returns {} (a partial list of layers would
+    name a wrong best layer)."""
+    if stop_agreed(run):
         return {}
+    tr, tr_y, _ = layer_features(model, train_loader, run, seed=run.cfg.seed)
+    if stop_agreed(run):
+        return {}
+    va, va_y, (nats, tokens) = layer_features(model, val_loader, run, seed=run.cfg.seed + 1)
+    if stop_agreed(run) or not run.is_main:
+        return {}
+    stop = stop_hook(run)
     layers = []
-    for layer in range(tr.shape[0]):
-        linear = linear_probe(tr[layer], tr_y, va[layer], va_y, num_classes, seed=run.cfg.seed)
-        knn = knn_accuracy(tr[layer], tr_y, va[layer], va_y, num_classes)
+    for layer in range(tr.shape[0]):  # rank 0 alone from here (the next stop_agreed tells the others)
+        linear = linear_probe(tr[layer], tr_y, va[layer], va_y, num_classes, seed=run.cfg.seed, **stop)
+        knn = None if linear is None else knn_accuracy(tr[layer], tr_y, va[layer], va_y, num_classes, **stop)
+        if knn is None:  # (None: stopped)
+            return {}
         layers.append({"layer": layer, "linear": round(linear, 2), "knn": round(knn, 2)})
     best = max(layers, key=lambda r: (r["linear"], -r["layer"]))
     per_token = nats / max(tokens, 1)
@@ -647,7 +661,11 @@ def layer_monitors(model, run):
     results = {"pretrained": probe_layers(model, train_loader, val_loader, num_classes, run),
                "random_init": probe_layers(random_init(model, run), train_loader, val_loader, num_classes, run)}
     barrier()
-    if run.is_main:
+    skipped = [name for name, got in results.items() if not got]
+    if run.is_main and skipped:
+        results["skipped"] = skipped
+        run.log(f"eval stopped by a signal after {time.perf_counter() - t:.0f}s; skipped {', '.join(skipped)}")
+    elif run.is_main:
         p, r = results["pretrained"], results["random_init"]
         run.log("per-layer linear probe (kNN): " + ", ".join(f"{x['layer']}: {x['linear']} ({x['knn']})"
                                                              for x in p["layers"]))
@@ -731,11 +749,12 @@ def report_igpt(model, run):
     baseline) and results.json, then the optional fine-tuning (results.json is rewritten with it)."""
     cfg = run.cfg
     run.save_file(model.state_dict(), "encoder.pth")
-    run.log(f"wrote {run.out}/encoder.pth; the per-layer monitors next")
-    results = {"method": "igpt", "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
-               "n_px": cfg.res, "palette_size": model.vocab_size, "global_step": run.global_step,
-               "final_loss": run.last_loss, "eval": layer_monitors(model, run)}
-    run.write_json("results.json", results)
+    with stop_action(run, STOP_MONITORS):
+        run.log(f"wrote {run.out}/encoder.pth; the per-layer monitors next")
+        results = {"method": "igpt", "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
+                   "n_px": cfg.res, "palette_size": model.vocab_size, "global_step": run.global_step,
+                   "final_loss": run.last_loss, "eval": layer_monitors(model, run)}
+    write_results(run, results)  # a stop signal during the monitors ends the process here (exit 0)
     if cfg.finetune_epochs:
         results["finetune"] = finetune_joint(model, run, cfg.finetune_epochs)
         run.log(f"fine-tune: {results['finetune']}")
@@ -743,7 +762,7 @@ def report_igpt(model, run):
             results["finetune_random_init"] = finetune_joint(random_init(model, run), run, cfg.finetune_epochs)
             run.log(f"fine-tune from random init: {results['finetune_random_init']}")
         run.write_json("results.json", results)
-    run.log(f"wrote {run.out}/results.json")
+        run.log(f"wrote {run.out}/results.json")
     return results
 
 

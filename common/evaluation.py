@@ -140,6 +140,12 @@ def stop_requested(run):
     return bool(stop is not None and stop.requested)
 
 
+def stop_hook(run):
+    """{"stop": whether a stop signal has come} for knn_accuracy / linear_probe, which then end early and return
+    None; {} for a run-like object without a handler (tests, tools), which never stops."""
+    return {"stop": partial(stop_requested, run)} if getattr(run, "stop", None) is not None else {}
+
+
 def stop_agreed(run):
     """stop_requested on any rank, agreed by all: every rank calls it at the same point of the monitors."""
     return on_any_rank(stop_requested(run), run.dist.world_size, run.device)
@@ -157,8 +163,7 @@ def probe(encoder, train_loader, val_loader, num_classes, run):
     va_cls, va_mean, va_y = extract_features(encoder, val_loader, run)
     if stop_agreed(run) or not run.is_main:
         return results
-    # rank 0 alone from here (the next stop_agreed tells the others); a run without a signal handler has no stop
-    stop = {"stop": partial(stop_requested, run)} if getattr(run, "stop", None) is not None else {}
+    stop = stop_hook(run)  # rank 0 alone from here (the next stop_agreed tells the others)
     for name, tr, va in (("cls", tr_cls, va_cls), ("mean", tr_mean, va_mean)):
         knn = knn_accuracy(tr, tr_y, va, va_y, num_classes, **stop)
         if knn is None:
@@ -263,24 +268,16 @@ def monitors(encoder, build_model, run):
             return evaluate(encoder, baseline, run)
 
 
-def report(method, encoder, build_model, run):
-    """End of a run: encoder.pth (timm names) at once, then the monitors (with the random-init baseline) and
-    results.json -- both before any fine-tuning, so a failure there loses neither -- then the optional fine-tuning
-    (and its random-init baseline with --finetune-baseline), added to results.json. A stop signal during the
-    monitors stops them at the next batch: results.json holds what finished and says what did not ("stopped"),
-    and the process ends as a preempted run does (exit 0), without fine-tuning."""
-    cfg = run.cfg
-    run.save_file(encoder.state_dict(), "encoder.pth")
-    with stop_action(run, STOP_MONITORS):
-        run.log(f"wrote {run.out}/encoder.pth; the monitors (kNN and linear probe, pre-trained and random init) next")
-        results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
-                   "final_loss": run.last_loss, "eval": monitors(encoder, build_model, run)}
+def write_results(run, results):
+    """results.json once the monitors (results["eval"]) are over. If a stop signal cut them short (results["eval"]
+    lists what did not finish under "skipped") or would cut the fine-tuning after them: results.json holds what
+    finished and says what did not ("stopped"), and the process ends as a preempted run does (exit 0)."""
     skipped = results["eval"].pop("skipped", [])
-    stopped = stop_agreed(run) and bool(skipped or cfg.finetune_epochs)  # (a signal that cut nothing short: done)
+    stopped = stop_agreed(run) and bool(skipped or run.cfg.finetune_epochs)  # (a signal that cut nothing short: done)
     if stopped:
         results["stopped"] = "a stop signal during the monitors: " + "; ".join(
-            ([f"skipped {', '.join(skipped)}"] if skipped else []) + (["fine-tuning not run"] if cfg.finetune_epochs
-                                                                      else []))
+            ([f"skipped {', '.join(skipped)}"] if skipped else []) + (["fine-tuning not run"]
+                                                                      if run.cfg.finetune_epochs else []))
     run.write_json("results.json", results)
     run.log(f"wrote {run.out}/results.json")
     if stopped:
@@ -288,6 +285,20 @@ def report(method, encoder, build_model, run):
                 f"monitors again with --eval-only --resume auto --out {run.out}")
         barrier()
         raise Preempted()
+
+
+def report(method, encoder, build_model, run, extra=None):
+    """End of a run: encoder.pth (timm names) at once, then the monitors (with the random-init baseline) and
+    results.json (with the method's own numbers, `extra`) -- both before any fine-tuning, so a failure there loses
+    neither -- then the optional fine-tuning (and its random-init baseline with --finetune-baseline), added to
+    results.json. A stop signal during the monitors stops them at the next batch (write_results)."""
+    cfg = run.cfg
+    run.save_file(encoder.state_dict(), "encoder.pth")
+    with stop_action(run, STOP_MONITORS):
+        run.log(f"wrote {run.out}/encoder.pth; the monitors (kNN and linear probe, pre-trained and random init) next")
+        results = {"method": method, "data": cfg.data, "model": cfg.model, "global_step": run.global_step,
+                   "final_loss": run.last_loss, **(extra or {}), "eval": monitors(encoder, build_model, run)}
+    write_results(run, results)
     if cfg.finetune_epochs:  # finetune.py's program on the encoder.pth just written, into <out>/finetune
         from finetune import after_pretraining
         results["finetune"] = after_pretraining(run)

@@ -318,6 +318,38 @@ def test_network_equals_the_official_model_written_out(objective):
         assert torch.allclose(logits, rms(states[-1], m.ln_f.weight) @ m.wtet.weight.T, atol=1e-5)
 
 
+def test_a_stop_signal_ends_the_per_layer_monitors_at_the_next_batch_or_probe_step():
+    """A stop signal during the features ends them at the next batch (here after 2 of 5), and probe_layers then
+    returns nothing (a partial list of layers would name a wrong best layer); one during the probes ends them at
+    their next step: the probes of every layer would otherwise run to the end."""
+    m = tiny_igpt(n_px=4, vocab=8)
+    run = fake_run(igpt.Config(model="igpt_nano", img_size=8, n_px=4, palette_size=8))
+    run.stop = SimpleNamespace(requested=False)
+    batches = image_batches([3] * 5)
+
+    def stopped_after(k):
+        for i, batch in enumerate(batches):
+            yield batch
+            run.stop.requested = i + 1 >= k
+    feats, labels, _ = igpt.layer_features(m, stopped_after(2), run)
+    assert feats.shape == (3, 6, 32) and len(labels) == 6  # 2 batches of 3 images
+    run.stop.requested = False
+    assert igpt.probe_layers(m, stopped_after(99), stopped_after(2), 3, run) == {}  # stopped in the val features
+    probe_steps = []
+
+    def probe_stopped_after_a_step():
+        probe_steps.append(1)
+        return len(probe_steps) > 1
+    run.stop = SimpleNamespace(requested=False)
+    real = igpt.stop_hook
+    try:
+        igpt.stop_hook = lambda run: {"stop": probe_stopped_after_a_step}
+        assert igpt.probe_layers(m, batches, batches, 3, run) == {}
+    finally:
+        igpt.stop_hook = real
+    assert len(probe_steps) == 2  # asked once per step: the first probe ended at its second step
+
+
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_layer_features_are_each_block_output_normed_and_mean_pooled(objective):
     """layer_features (what the per-layer probe reads): feature l of an image = the mean over positions of the

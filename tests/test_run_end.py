@@ -17,7 +17,7 @@ import beit
 import beit2
 import mae
 from common import evaluation
-from common.training import Dist, parse_config
+from common.training import Dist, Preempted, parse_config
 from conftest import ROOT, TINY, read_log
 from test_mae import run_main_in_process
 
@@ -64,6 +64,63 @@ def test_sigterm_during_the_monitors_stops_them_within_seconds(tmp_path):
     encoder = load(out / "encoder.pth")
     model = load(out / "checkpoint.pth")["model"]
     assert all(torch.equal(v, model[f"encoder.{k}"]) for k, v in encoder.items())
+
+
+def test_sigterm_during_igpts_per_layer_monitors_stops_them_within_seconds(tmp_path):
+    """iGPT's own monitors (a probe of every layer) stop the same way: exit 0 within seconds of SIGTERM, encoder.pth
+    on disk, results.json naming the encoders whose probes did not finish (test_igpt checks that the features and
+    the probes end at their next batch or step)."""
+    out = tmp_path / "run"
+    args = ["--model", "igpt_nano", "--img-size", "8", "--palette-size", "8", "--palette-images", "32", "--subset",
+            "5000", "--batch-size", "1", "--workers", "0", "--n-samples", "0", "--max-steps", "1", "--eval-images", "0",
+            "--out", out]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "igpt.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before = []
+    for line in proc.stdout:
+        before.append(line)
+        if "encoder.pth; the per-layer monitors next" in line:
+            break
+    else:
+        raise AssertionError("the monitors did not start:\n" + "".join(before[-30:]))
+    assert (out / "encoder.pth").is_file() and not (out / "results.json").exists()
+    t = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    seconds = time.perf_counter() - t
+    assert proc.returncode == 0, rest[-3000:]
+    assert seconds < 10, f"{seconds:.1f}s after SIGTERM\n{rest[-3000:]}"
+    assert "received SIGTERM: stopping the monitors" in rest and "--eval-only --resume auto" in rest
+    results = json.loads((out / "results.json").read_text())
+    assert results["global_step"] == 1 and results["palette_size"] == 8
+    assert results["stopped"] == "a stop signal during the monitors: skipped pretrained, random_init"
+    assert results["eval"] == {"pretrained": {}, "random_init": {}}
+
+
+def test_beits_own_numbers_survive_a_stop_in_the_monitors(tmp_path, monkeypatch):
+    """BEiT's results.json holds its masked-token accuracy and its tokenizer's statistics also when a stop signal cut
+    the monitors short (they were added after the monitors, and lost when the stop ended the process there)."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--vocab-size", "64", "--dvae-stride", "4", "--dvae-hidden", "16", "--dvae-codebook-dim", "16",
+            *TOKENIZER_STEPS, "--epochs", "1", "--out", out]
+
+    def monitors_cut_short(encoder, build_model, run):  # a SIGTERM arrives during the first monitor
+        run.stop.requested = True
+        return {"pretrained": {}, "random_init": {}, "skipped": ["pretrained/knn_cls"]}
+    monkeypatch.setattr(evaluation, "monitors", monitors_cut_short)
+    monkeypatch.setattr(sys, "argv", ["beit.py", *map(str, argv)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Preempted):
+            beit.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped"] == "a stop signal during the monitors: skipped pretrained/knn_cls"
+    (epoch,) = read_log(out, "epoch")
+    assert results["mlm_acc"] == pytest.approx(epoch["mlm_acc"], abs=1e-5)
+    assert results["tokenizer"]["path"] == str(out / "tokenizer.pth") and "codes_used" in results["tokenizer"]
 
 
 # ----------------------------------------------------------------------------------- --max-steps caps stage 1 too
