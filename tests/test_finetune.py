@@ -1,5 +1,6 @@
 """finetune.py: fine-tuning and linear probing as a program (files, exact resume in 1 and 2 processes, timm names,
 the linear probe's frozen encoder and LARS, --eval-only)."""
+import dataclasses
 import json
 import os
 import re
@@ -66,6 +67,33 @@ def test_a_run_writes_its_files_and_model_pth_loads_strict_into_timm(encoder_pat
     imgs = torch.randn(3, 3, 16, 16)
     assert torch.allclose(ours.eval()(imgs), ref.eval()(imgs), atol=1e-5)
     assert not torch.equal(ours.encoder.blocks[0].attn.qkv.weight, pretrained["blocks.0.attn.qkv.weight"])  # trained
+
+
+def test_a_beit_encoder_fine_tunes_into_a_model_pth_strict_for_timm_beit(tmp_path):
+    """A BEiT encoder (one relative-position table shared by the blocks) fine-tunes with a table per block, as the
+    official fine-tuning does: model.pth loads strict into timm's Beit classifier (use_rel_pos_bias, mean pooling)
+    and gives the fine-tuned model's logits."""
+    timm = pytest.importorskip("timm")
+    import beit
+    from common.training import parse_config
+    cfg, _ = parse_config(beit.Config, beit.PRESETS, [*TINY, "--vocab-size", "64"])
+    encoder = beit.build_model(cfg).encoder
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"method": "beit", **dataclasses.asdict(cfg)}))
+    out = tmp_path / "ft"
+    proc = run_script("finetune.py", "--init", tmp_path / "encoder.pth", *FT, "--epochs", "1", "--max-steps", "2",
+                      "--out", out)
+    assert "(beit vit_nano, ours layout)" in proc.stdout
+    ref = timm.models.beit.Beit(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=12,
+                                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="avg")
+    ref.load_state_dict(load(out / "model.pth"), strict=True)
+    source = finetune.read_init(str(tmp_path / "encoder.pth"))
+    ours = finetune.Classifier(finetune.build_encoder(source, 16)[0], 12, "mean")
+    ours.load_state_dict(load(out / "last.pth")["model"])
+    imgs = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(ours.eval()(imgs), ref.eval()(imgs), atol=1e-5)
+    tables = [ours.encoder.blocks[i].attn.relative_position_bias_table for i in range(2)]
+    assert not torch.equal(*tables)  # one table per block, each fine-tuned on its own
 
 
 def test_the_progress_bar_shows_the_last_validation(encoder_path, tmp_path, monkeypatch, capsys):
