@@ -5,10 +5,12 @@ kNN and the linear probe are *monitors*: masked-image-modeling features are know
 is about 11 % on ImageNet in lightly's benchmark, while it fine-tunes to 83.6 %). Both are reported for the cls
 token and for the mean of the patch tokens, next to the same numbers for the randomly initialised encoder.
 """
+import json
 import math
 import time
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -335,6 +337,96 @@ def save_image_grid(rows, path, caption, labels=None, scale=None):
             tile = Image.fromarray(arr[b]).resize((W * scale, H * scale), Image.NEAREST)
             grid.paste(tile, (label_w + b * (W * scale + pad), y0))
     grid.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                                 training curves                                                    #
+# ---------------------------------------------------------------------------------------------------------------- #
+CURVE_SKIP = {"kind", "step", "epoch", "img_per_s", "seconds", "world_size"}  # bookkeeping, not curves
+
+
+def flat_numbers(record, prefix=""):
+    """The numeric fields of a log record, nested dicts flattened to "a/b" (a monitor's {"pretrained": {"knn_cls":
+    ...}} -> "pretrained/knn_cls"), lists and bookkeeping fields left out."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in CURVE_SKIP:
+            out[prefix + key] = value
+    return out
+
+
+def read_curves(log_path):
+    """A run's curves from its log.jsonl: {name: ([x], [y])} of the training loss and lr per step ("loss", "lr"),
+    a tokenizer's per-step loss ("tokenizer loss") and the numbers of every epoch and eval record per epoch
+    ("epoch loss", "top1", "pretrained/knn_mean", ...; a random-init baseline's are left out). A resumed run logs its
+    steps again from the checkpoint: the last record of a step wins."""
+    steps, tokenizer_steps, epochs = {}, {}, {}
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        kind = record.get("kind")
+        if kind == "step":
+            steps[record["step"]] = record
+        elif kind == "tokenizer_step":
+            tokenizer_steps[record["step"]] = record
+        elif kind in ("epoch", "eval"):
+            numbers = flat_numbers(record)
+            if kind == "epoch":
+                numbers = {("epoch loss" if k == "loss" else k): v for k, v in numbers.items()}
+            epochs.setdefault(record["epoch"], {}).update(
+                {k: v for k, v in numbers.items() if not k.startswith("random_init/")})
+    curves = {}
+    for name, table, field in (("loss", steps, "loss"), ("lr", steps, "lr"), ("tokenizer loss", tokenizer_steps,
+                                                                                "loss")):
+        points = sorted((x, r[field]) for x, r in table.items() if field in r)
+        if points:
+            curves[name] = tuple(map(list, zip(*points)))  # ([steps], [values])
+    for name in dict.fromkeys(k for numbers in epochs.values() for k in numbers):
+        points = sorted((e, numbers[name]) for e, numbers in epochs.items() if name in numbers)
+        curves[name] = tuple(map(list, zip(*points)))  # ([epochs], [values])
+    return curves
+
+
+def draw_panel(draw, box, title, xs, ys, xlabel):
+    """One line chart in box (x0, y0, x1, y1): the curve, its title, and the x and y ranges at the axes' ends.
+    A single point is drawn as a dot."""
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = x0 + 52, y0 + 18, x1 - 8, y1 - 26  # the plotting area inside the labels
+    draw.text((left, y0 + 3), title, fill="black")
+    draw.rectangle((left, top, right, bottom), outline="grey")
+    lo, hi = min(ys), max(ys)
+    span_y, span_x = (hi - lo) or abs(hi) or 1.0, (max(xs) - min(xs)) or 1
+    points = [(left + (x - min(xs)) / span_x * (right - left),
+               bottom - (y - lo) / span_y * (bottom - top) if hi > lo else (top + bottom) / 2) for x, y in zip(xs, ys)]
+    if len(points) > 1:
+        draw.line(points, fill=(31, 119, 180), width=2)
+    for x, y in points[:: max(1, len(points) // 40)] if len(points) < 60 else []:
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
+    draw.text((x0 + 2, top - 4), f"{hi:.3g}", fill="black")
+    draw.text((x0 + 2, bottom - 8), f"{lo:.3g}", fill="black")
+    draw.text((left, bottom + 4), f"{xlabel} {min(xs):g}", fill="black")
+    end = f"{max(xs):g}"
+    draw.text((right - 6 * len(end), bottom + 4), end, fill="black")
+
+
+def save_curves(log_path, path, title):
+    """curves.png: a panel per curve of read_curves (loss and lr per step, then the epoch-level numbers), three to
+    a row, under `title`. Nothing is written for a log without steps yet."""
+    curves = read_curves(log_path)
+    if not curves:
+        return
+    w, h, columns = 340, 190, 3
+    rows = math.ceil(len(curves) / columns)
+    image = Image.new("RGB", (w * min(columns, len(curves)), 20 + h * rows), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((6, 4), title, fill="black")
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        x0, y0 = (i % columns) * w, 20 + (i // columns) * h
+        per_step = name in ("loss", "lr", "tokenizer loss")
+        draw_panel(draw, (x0, y0, x0 + w, y0 + h), name + (" per step" if per_step else " per epoch"), xs, ys,
+                   "step" if per_step else "epoch")
+    image.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #

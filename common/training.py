@@ -737,6 +737,7 @@ class Run:
     def exit_if_preempted(self):
         """After a stop signal's checkpoint: end the process (exit 0); `--resume auto` continues from there."""
         if self.preempted:
+            self.save_curves()
             self.log(f"stopped by signal after step {self.global_step - 1}; checkpoint saved to {self.ckpt_path}. "
                      f"Continue with {self.resume_hint()}")
             barrier()
@@ -770,6 +771,15 @@ class Run:
         self.log(f"epoch {epoch}: loss {loss:.4f}, {speed(imgs / seconds)}, {seconds:.1f}s")
         self.write_log(kind="epoch", epoch=epoch, loss=loss, img_per_s=round(imgs / seconds, 1),
                        seconds=round(seconds, 2), **extra)
+        self.save_curves()
+
+    def save_curves(self):
+        """curves.png from log.jsonl (loss and lr per step, the epochs' numbers): after every epoch, at the end of
+        training and at a stop, so that every run, a --max-steps one too, has its curves."""
+        if self.log_file is not None:
+            from .evaluation import save_curves  # (evaluation imports this module)
+            save_curves(self.out / "log.jsonl", self.out / "curves.png",
+                        f"{self.method} {self.cfg.model} on {self.cfg.data}, {self.out.name}")
 
     def write_log(self, **record):
         if self.log_file is not None:
@@ -782,6 +792,7 @@ class Run:
         identical = self.replicas_identical(self.model)
         self.write_log(kind="done", global_step=self.global_step, seconds=round(seconds, 1),
                        world_size=self.dist.world_size, replicas_identical=identical)
+        self.save_curves()
         self.log(f"{what} done in {seconds:.0f}s")
 
     def replicas_identical(self, model):

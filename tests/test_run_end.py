@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +24,15 @@ from conftest import ROOT, TINY, read_log
 from test_mae import run_main_in_process
 
 MAE_TINY = TINY + ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+PICTURE_ARGS = {  # every method at its tiny size (BEiT and BEiT v2 with a one-epoch tokenizer of 6 steps)
+    "mae": MAE_TINY, "simmim": TINY + ["--mask-patch-size", "8"],
+    "beit": TINY + ["--vocab-size", "64", "--dvae-stride", "4", "--dvae-hidden", "16", "--dvae-codebook-dim", "16",
+                    "--tokenizer-epochs", "1", "--tokenizer-batch-size", "16"],
+    "beit2": TINY + ["--vocab-size", "64", "--vqkd-codebook-dim", "8", "--tokenizer-epochs", "1",
+                     "--tokenizer-batch-size", "16"],
+    "sit": TINY + ["--head-hidden-dim", "64", "--out-dim", "32"], "convmae": MAE_TINY,
+    "igpt": ["--model", "igpt_nano", "--img-size", "8", "--palette-size", "8", "--palette-images", "32",
+             "--batch-size", "16", "--workers", "0", "--n-samples", "2", "--log-every", "1"]}
 TOKENIZER_STEPS = ["--tokenizer-epochs", "3", "--tokenizer-batch-size", "16"]  # 64 images: 12 stage-1 steps uncapped
 
 
@@ -150,6 +161,50 @@ def test_max_steps_caps_the_tokenizer_then_pretraining(module, extra, tmp_path, 
     saved = load(out / "tokenizer.pth")
     assert not saved["complete"] and (saved["epoch"], saved["step"]) == (0, 2)
     assert [s["step"] for s in read_log(out, "step")] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------- every run's pictures
+@pytest.mark.parametrize("method", list(PICTURE_ARGS))
+def test_a_capped_run_writes_its_curves_and_its_picture(method, tmp_path, monkeypatch, one_thread):
+    """`--max-steps 3` of every method (ending mid-epoch) writes curves.png -- a panel per curve of its log: loss and
+    lr per step, and a tokenizer's loss where there is one -- and its picture of where it stopped (reconstructions,
+    or iGPT's samples)."""
+    import importlib
+    from PIL import Image
+    module = importlib.import_module(method)
+    out = tmp_path / "run"
+    argv = [*PICTURE_ARGS[method], "--subset", "96", "--epochs", "1", "--max-steps", "3", "--out", out]
+    if method == "beit2":
+        argv += ["--teacher", mae_teacher(tmp_path)]
+    if method == "igpt":  # its own report
+        monkeypatch.setattr(module, "report_igpt", lambda *a, **k: {})
+        monkeypatch.setattr(module, "report", None, raising=False)
+    run_main_in_process(module, argv, monkeypatch)  # (report stubbed: no monitors)
+    assert [s["step"] for s in read_log(out, "step")] == [0, 1, 2]
+    curves = evaluation.read_curves(out / "log.jsonl")
+    expected = ["loss", "lr"] + (["tokenizer loss"] if method in ("beit", "beit2") else [])
+    assert list(curves) == expected and curves["loss"][0] == [0, 1, 2]
+    width, height = Image.open(out / "curves.png").size
+    assert (width, height) == (340 * len(expected), 20 + 190)  # a panel per curve, one row
+    assert Image.open(out / ("samples_e0.png" if method == "igpt" else "recon_e0.png")).size[0] > 0
+
+
+def test_curves_follow_the_log_through_a_resume_and_the_epochs_numbers():
+    """read_curves: the last record of a step wins (a resumed run logs the steps after its checkpoint again), and
+    an epoch's numbers -- its mean loss, a method's own (mlm_acc), a fine-tune's validation, the monitors of the
+    pre-trained encoder (not of the random-init one) -- become per-epoch curves."""
+    records = [{"kind": "step", "step": 0, "loss": 2.0, "lr": 0.1}, {"kind": "step", "step": 1, "loss": 1.9, "lr": 0.2},
+               {"kind": "epoch", "epoch": 0, "loss": 1.95, "img_per_s": 9.0, "seconds": 1, "mlm_acc": 0.1},
+               {"kind": "checkpoint", "epoch": 1, "step": 0, "seconds": 0.1},
+               {"kind": "step", "step": 2, "loss": 1.8, "lr": 0.3},  # stopped here, resumed from step 2
+               {"kind": "step", "step": 2, "loss": 1.7, "lr": 0.3}, {"kind": "step", "step": 3, "loss": 1.6, "lr": 0.2},
+               {"kind": "epoch", "epoch": 1, "loss": 1.65, "img_per_s": 9.0, "seconds": 1, "mlm_acc": 0.2},
+               {"kind": "eval", "epoch": 1, "pretrained": {"knn_cls": 50.0}, "random_init": {"knn_cls": 30.0}}]
+    path = Path(tempfile.mkdtemp()) / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluation.read_curves(path) == {
+        "loss": ([0, 1, 2, 3], [2.0, 1.9, 1.7, 1.6]), "lr": ([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.2]),
+        "epoch loss": ([0, 1], [1.95, 1.65]), "mlm_acc": ([0, 1], [0.1, 0.2]), "pretrained/knn_cls": ([1], [50.0])}
 
 
 # ------------------------------------------------------------------------------------------ the monitors' image caps
