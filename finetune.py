@@ -671,6 +671,7 @@ class Config(TrainConfig):
     linear_probe: bool = False  # MAE's linear probe: frozen encoder, BatchNorm + linear layer on the cls token, LARS
     random_init: bool = False  # the baseline: --init's architecture and recipe, its weights as initialised, not loaded
     pool: str = "mean"  # "mean" (patch tokens, then a LayerNorm) or "cls" (the normalised cls token)
+    recipe: str = ""  # the FINETUNE table of this method instead of --init's (one recipe for several encoders)
     layer_decay: float = 0.65  # layer-wise lr decay: block k of L trains at lr x layer_decay^(L + 1 - k)
     drop_path: float = 0.1  # stochastic depth, linear over the blocks up to this rate
     rand_augment: int = 9  # RandAugment magnitude, 2 ops per image (0 = off)
@@ -691,16 +692,17 @@ class Config(TrainConfig):
             raise UserError(f"--pool {self.pool!r}: choose mean or cls")
 
 
-def recipe_preset(source, data, img_size, linear_probe):
-    """The flags the recipe sets for this encoder and data: the method's FINETUNE table (or LINEAR_PROBE) for the
-    input size and model, as Config fields; the model and patch size of the encoder; its image size unless the
-    dataset has its own."""
+def recipe_preset(source, data, img_size, linear_probe, recipe=""):
+    """The flags the recipe sets for this encoder and data: the FINETUNE table of the encoder's method (or of
+    `recipe`; LINEAR_PROBE for the linear probe) for the input size and model, as Config fields; the model and
+    patch size of the encoder; its image size unless the dataset has its own."""
     size = img_size or DATASETS[data].native_size or source.pretrain["img_size"]
     model = source.pretrain["model"]
+    method = recipe or source.method
     if linear_probe:
         values = {**PLAIN, **LINEAR_PROBE[finetune_scale(size)]}
     else:
-        table = importlib.import_module(source.method).FINETUNE if source.method in METHODS else {}
+        table = importlib.import_module(method).FINETUNE if method in METHODS else {}
         values = recipe_values(table, size, model)
     names = {f.name for f in fields(Config)}
     preset = {k: v for k, v in values.items() if k in names and v is not None}
@@ -716,11 +718,14 @@ def parse(argv=None):
     given = given_settings(Config, argv, __doc__.split("\n\n")[0])
     if not given.get("init"):
         raise UserError("--init is required: the encoder.pth of a pre-training run, or an official checkpoint")
+    if given.get("recipe") and given["recipe"] not in METHODS:
+        raise UserError(f"--recipe {given['recipe']!r}: choose from {', '.join(METHODS)}")
     source = read_init(given["init"])
     given.setdefault("data", source.pretrain.get("data", Config.data))
     if "data_path" not in given and given["data"] == source.pretrain.get("data"):
         given["data_path"] = source.pretrain.get("data_path", "")
-    preset, values = recipe_preset(source, given["data"], given.get("img_size"), given.get("linear_probe", False))
+    preset, values = recipe_preset(source, given["data"], given.get("img_size"), given.get("linear_probe", False),
+                                   given.get("recipe", ""))
     cfg, applied = resolve_config(Config, given, {DATASETS[given["data"]].scale: preset})
     recipe_fields = {f.name for f in fields(FinetuneRecipe)}
     recipe = FinetuneRecipe(**{**{k: v for k, v in values.items() if k in recipe_fields},

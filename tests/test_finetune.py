@@ -96,6 +96,20 @@ def test_a_beit_encoder_fine_tunes_into_a_model_pth_strict_for_timm_beit(tmp_pat
     assert not torch.equal(*tables)  # one table per block, each fine-tuned on its own
 
 
+def test_recipe_takes_another_methods_table(capsys):
+    """--recipe METHOD fine-tunes with METHOD's FINETUNE table whatever --init's method (one recipe for several
+    encoders); an unknown name is one line."""
+    import simmim
+    source = finetune.Source("x.pth", "mae", {"model": "vit_micro", "patch_size": 4, "img_size": 32}, {}, "ours")
+    own, _ = finetune.recipe_preset(source, "folder", 32, linear_probe=False)
+    other, values = finetune.recipe_preset(source, "folder", 32, linear_probe=False, recipe="simmim")
+    assert values == finetune.recipe_values(simmim.FINETUNE, 32, "vit_micro") != finetune.recipe_values(
+        finetune.importlib.import_module("mae").FINETUNE, 32, "vit_micro")
+    assert own != other and (other["model"], other["patch_size"]) == ("vit_micro", 4)
+    with pytest.raises(finetune.UserError, match="--recipe 'dino': choose from mae, simmim"):
+        finetune.parse(["--init", "x.pth", "--recipe", "dino"])
+
+
 def test_the_progress_bar_shows_the_last_validation(encoder_path, tmp_path, monkeypatch, capsys):
     """On a terminal, epoch 1's progress bar carries epoch 0's validation top-1 and top-5 beside the step's loss."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
