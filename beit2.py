@@ -107,12 +107,16 @@ class NormEMAQuantizer(nn.Module):
     official: each rank runs k-means on its own batch and the ranks keep different codebooks; we: every rank runs
     it on the batches of all ranks (all-gathered) and takes rank 0's result, so the ranks agree from the start.
     official: the assignment statistics through a [M, V] one-hot matrix; we: index_add (the same sums).
-    official: also an EMA of code usage (`cluster_size`), only for logging; we: the usage is counted by stage 1."""
+    official: also an EMA of code usage (`cluster_size`), only for logging; we: the usage is counted by stage 1.
+    ours, off by default (restart_after = 0): dead-code restart (restart_dead_codes)."""
 
-    def __init__(self, vocab_size, dim, beta=1.0, decay=0.99):
+    def __init__(self, vocab_size, dim, beta=1.0, decay=0.99, restart_after=0):
         super().__init__()
         self.vocab_size, self.dim, self.beta, self.decay = vocab_size, dim, beta, decay
+        self.restart_after = restart_after
         self.register_buffer("codebook", torch.zeros(vocab_size, dim))  # [V, d], unit rows once initialised
+        # steps since each code was last picked: saved with the tokenizer where restarts are on (exact resume)
+        self.register_buffer("idle", torch.zeros(vocab_size, dtype=torch.long), persistent=restart_after > 0)
         self.register_buffer("initted", torch.zeros((), dtype=torch.bool))
         self.known_ready = False  # `initted` as last read on the host: once True, no step reads it again
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "known_ready", False))
@@ -156,6 +160,24 @@ class NormEMAQuantizer(nn.Module):
         # so an unused code becomes l2norm(decay e) = e: unchanged (official: the same, plus a torch.where that
         # puts e itself in place of its mean -- the same result)
         self.codebook.copy_(l2norm(self.decay * self.codebook + (1 - self.decay) * mean))
+        if self.restart_after:
+            self.restart_dead_codes(flat, bins)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, flat, bins):
+        """Dead-code restart, the usual remedy of a codebook that collapses onto a few codes (ours; the official
+        quantizer has none): a code no vector of any rank picked for `restart_after` steps in a row moves onto a
+        random vector of this step's batch, where it is the nearest code of at least that vector. The vectors are
+        rank 0's (shared by an all-reduce of rank 0's picks and the others' zeros), so the ranks keep one codebook.
+        flat [M, d] unit rows of this rank, bins [V] the codes' counts over all ranks."""
+        self.idle.copy_(torch.where(bins > 0, 0, self.idle + 1))
+        dead = self.idle >= self.restart_after  # [V]
+        picks = flat[torch.randint(flat.shape[0], (self.vocab_size,), device=flat.device)]  # [V, d]
+        if distributed():
+            picks = picks * (torch_dist.get_rank() == 0)
+            torch_dist.all_reduce(picks)  # rank 0's picks on every rank
+        self.codebook.copy_(torch.where(dead.unsqueeze(1), picks, self.codebook))
+        self.idle.masked_fill_(dead, 0)
 
     def forward(self, z, generator=None):
         """z [B, N, d] (fp32) -> (z_q [B, N, d] straight-through, commitment loss, ids [B, N])."""
@@ -230,17 +252,17 @@ class VQKD(nn.Module):
     interpolation = "bicubic"  # of its view (official --second_interpolation bicubic, --second_input_size 224)
 
     def __init__(self, vocab_size=8192, stride=16, img_size=224, model="vit_base", codebook_dim=32, decoder_depth=1,
-                 target_dim=512, decay=0.99, teacher=""):
+                 target_dim=512, decay=0.99, teacher="", restart_after=0):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, stride=stride, img_size=img_size, model=model,
                            codebook_dim=codebook_dim, decoder_depth=decoder_depth, target_dim=target_dim, decay=decay,
-                           teacher=teacher)
+                           teacher=teacher, restart_after=restart_after)
         self.vocab_size, self.stride = vocab_size, stride
         self.encoder = vqkd_vit(img_size, stride, 3, model)
         self.grid = self.encoder.patch_embed.grid_size
         dim = self.encoder.embed_dim
         self.encode_task_layer = task_layer(dim, codebook_dim)
-        self.quantize = NormEMAQuantizer(vocab_size, codebook_dim, beta=1.0, decay=decay)
+        self.quantize = NormEMAQuantizer(vocab_size, codebook_dim, beta=1.0, decay=decay, restart_after=restart_after)
         self.decoder = vqkd_vit(self.grid, 1, codebook_dim, model, depth=decoder_depth)
         self.decode_task_layer = task_layer(dim, target_dim)
         self.teacher = None  # (set through use_teacher: a plain attribute, not a submodule)
@@ -341,7 +363,7 @@ def new_vqkd(cfg, config=None, with_teacher=True):
     model = cfg.vqkd_model or cfg.model
     tokenizer = VQKD(cfg.vocab_size, cfg.patch_size, cfg.img_size, model, cfg.vqkd_codebook_dim,
                      cfg.vqkd_decoder_depth, teacher.dim if teacher else VIT_SIZES[model][0], cfg.vqkd_decay,
-                     cfg.teacher)
+                     cfg.teacher, cfg.vqkd_restart_after)
     return tokenizer.use_teacher(teacher) if teacher else tokenizer
 
 
@@ -569,6 +591,8 @@ class Config(BEiTConfig):
     vqkd_codebook_dim: int = 32  # width of VQ-KD's unit-norm code space (official: 32)
     vqkd_decoder_depth: int = 1  # VQ-KD decoder blocks (official models: 1 or 3)
     vqkd_decay: float = 0.99  # EMA decay of VQ-KD's codebook (official: 0.99)
+    # ours: off officially; on in the small-data presets, where the codebook otherwise collapses (docs/RESULTS.md)
+    vqkd_restart_after: int = 0  # restart a code that no batch picked for N steps at an encoder output (0 = off)
     early_layers: int = 0  # patch aggregation reads the patch states after block N (0 = depth - 3 >= 1: 9 of 12)
     head_layers: int = 2  # blocks of the patch-aggregation branch (official: 2)
 
@@ -576,6 +600,8 @@ class Config(BEiTConfig):
         super().check()
         if self.vqkd_model and self.vqkd_model not in VIT_SIZES:
             raise UserError(f"unknown --vqkd-model {self.vqkd_model!r}; choose from {', '.join(VIT_SIZES)}")
+        if self.vqkd_restart_after < 0:
+            raise UserError(f"--vqkd-restart-after must not be negative, got {self.vqkd_restart_after}")
         for name in ("vqkd_codebook_dim", "vqkd_decoder_depth", "head_layers"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -134,8 +134,13 @@ def quantizer_ddp_worker(out):
         dist.all_gather(parts, x.contiguous())
         return parts
     codebooks, all_ids = gather(q.codebook), gather(ids)
+    restarting = beit2.NormEMAQuantizer(8, 4, decay=0.9, restart_after=1).train()  # every unused code, every step
+    torch.manual_seed(d.rank)  # the ranks draw different picks: rank 0's must win on both
+    for step in range(2):
+        restarting(z[:1, :2], torch.Generator().manual_seed(1))  # 4 vectors on both ranks, 8 codes: some die
+    restarted = gather(restarting.codebook)
     if d.rank == 0:
-        torch.save({"codebooks": codebooks, "ids": torch.cat(all_ids)}, out)
+        torch.save({"codebooks": codebooks, "ids": torch.cat(all_ids), "restarted": restarted}, out)
     dist.destroy_process_group()
 
 
@@ -165,6 +170,33 @@ def test_two_processes_quantize_as_one_with_the_whole_batch(tmp_path):
     assert torch.equal(got["ids"], ids)
     for codebook in got["codebooks"]:
         assert torch.allclose(codebook, q.codebook, atol=1e-6)
+    assert torch.equal(*got["restarted"])  # dead-code restarts keep one codebook on both ranks
+    assert (got["restarted"][0].norm(dim=1) > 0.99).all()  # (rank 0's picks: unit vectors, not the others' zeros)
+
+
+def test_dead_codes_restart_at_vectors_of_the_batch():
+    """restart_after = 2: a code no vector picked for 2 steps in a row moves onto a vector of the step's batch
+    (where it is then the nearest code of that vector); a code in use stays where the EMA puts it; the idle counts
+    are part of the state only where restarts are on. Off (0, the official quantizer), unused codes never move."""
+    codebook = torch.eye(4)  # 4 unit codes
+    batch = F.normalize(torch.tensor([[1.0, 0.1, 0, 0]]).repeat(6, 1) + 0.01 * torch.randn(
+        6, 4, generator=torch.Generator().manual_seed(0)), dim=-1).view(1, 6, 4)  # all nearest to code 0
+    for restart_after in (0, 2):
+        q = beit2.NormEMAQuantizer(4, 4, restart_after=restart_after).train()
+        q.codebook.copy_(codebook)
+        q.initted.fill_(True)
+        assert ("idle" in q.state_dict()) == (restart_after > 0)
+        q(batch)
+        assert torch.equal(q.codebook[1:], codebook[1:]) and q.idle.tolist() == ([0, 1, 1, 1] if restart_after else
+                                                                                  [0, 0, 0, 0])
+        q(batch)
+        if restart_after:  # codes 1-3 were idle for 2 steps: each is now one of the batch's vectors
+            assert q.idle.tolist() == [0, 0, 0, 0]
+            for code in q.codebook[1:]:
+                assert torch.isclose(batch[0] @ code, torch.tensor(1.0), atol=1e-6).any()
+        else:
+            assert torch.equal(q.codebook[1:], codebook[1:])
+        assert (q.codebook[0] @ codebook[0]) > 0.99  # the code in use: moved a little towards the batch's mean
 
 
 def test_kmeans_init_on_the_first_training_batch():
