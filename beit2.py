@@ -256,7 +256,8 @@ class VQKD(nn.Module):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, stride=stride, img_size=img_size, model=model,
                            codebook_dim=codebook_dim, decoder_depth=decoder_depth, target_dim=target_dim, decay=decay,
-                           teacher=teacher, restart_after=restart_after)
+                           teacher=teacher, **({"restart_after": restart_after} if restart_after else {}))
+        # (restart_after only where restarts are on: the official quantizer's tokenizer.pth is as it was)
         self.vocab_size, self.stride = vocab_size, stride
         self.encoder = vqkd_vit(img_size, stride, 3, model)
         self.grid = self.encoder.patch_embed.grid_size
