@@ -684,7 +684,8 @@ class Config(TrainConfig):
     blr: float = 5e-4  # base learning rate: lr = blr x global batch / 256 (SiT's recipe: / 512)
     min_lr: float = 1e-6  # floor of the cosine
     lr_batch_div: int = 256  # the global batch blr is quoted for
-    hidden = ("finetune_epochs", "finetune_baseline", "eval_every", "eval_images", "resident")  # pre-training flags
+    # pre-training flags
+    hidden = ("finetune_epochs", "finetune_baseline", "eval_every", "eval_images", "resident", "decode")
 
     def check(self):
         super().check()

@@ -7,7 +7,9 @@ worker processes or on how far an earlier process got, so a run resumed at (epoc
 
 Two training pipelines, same augmentation distribution:
   * PIL: a DataLoader with worker processes decodes (no more pixels than the crop needs), crops and resizes one
-    image at a time to uint8; normalised on the training device (ImageNet, folders).
+    image at a time to uint8; normalised on the training device (ImageNet, folders). With --decode device the workers
+    only draw the crops and read the files' bytes; the training device decodes the batch's JPEGs at once
+    (torchvision.io.decode_jpeg: nvJPEG on a GPU, libjpeg-turbo on the CPU), crops and resizes them.
   * resident: the whole split as one uint8 tensor on the training device; crop + resize + flip + normalise are
     done for the whole batch at once with `grid_sample` (synthetic, CIFAR, STL-10, MNIST, Fashion-MNIST).
 """
@@ -17,8 +19,10 @@ import math
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from . import UserError
 
@@ -297,7 +302,9 @@ class FileDataset(ImageDataset):
     def load_transformed(self, i):
         for attempt in range(self.MAX_REPLACEMENTS):
             try:
-                if isinstance(self.transform, ResizedCropFlip):  # it decodes the file itself, at reduced size
+                # ResizedCropFlip (and DeviceDecodeCrop) take the opened file: they decode it themselves, at reduced
+                # size (or leave a JPEG to the training device)
+                if isinstance(self.transform, ResizedCropFlip):
                     return load_image(self.files[i], self.transform), self.labels[i]
                 return super().load_transformed(i)
             except UserError as e:
@@ -575,6 +582,79 @@ class ResizedCropFlip:
         return torch.from_numpy(np.array(to_rgb(img).crop(box))).permute(2, 0, 1)  # [h', w', 3] -> [3, h', w']
 
 
+class JpegCrop(NamedTuple):
+    """One image of DeviceDecodeCrop's batch still to decode, with its augmentation drawn."""
+    data: torch.Tensor  # uint8 [n]: the bytes of the JPEG file
+    box: tuple  # (top, left, h, w) of the crop in the image's full-size pixels
+    flip: bool  # mirror the resized crop
+    path: str  # the file (named when it cannot be decoded)
+
+
+NVJPEG_MODES = ("RGB", "L")  # the JPEGs decode_jpeg(mode=RGB) takes on a GPU; CMYK and other files: the workers
+
+
+class DeviceDecodeCrop(ResizedCropFlip):
+    """ResizedCropFlip with the decode of a JPEG left to the training device (--decode device): the same draws from
+    the global RNG in the same order (get_params on the full size from the header, then the flip's torch.rand(1)),
+    but instead of pixels it returns a JpegCrop -- the file's bytes, the box, the flip -- and `decode_batch` turns
+    the DataLoader's batch of them into pixels on the device, all JPEGs in one decode_jpeg call. A file the GPU
+    decoder does not take (PNG, CMYK JPEG, an image already in memory) gets ResizedCropFlip's uint8 [3, S, S] in the
+    worker, so that a folder may mix them.
+    Against ResizedCropFlip: a JPEG is decoded at full size (no DCT scaling: decode_jpeg has none), then the crop is
+    resized in float (CUDA's antialiased interpolate has no uint8 kernel) and rounded back to uint8: within 2 levels
+    of ResizedCropFlip's output where it too decodes at full size (its uint8 resize rounds after each pass)."""
+
+    def __call__(self, img):
+        if img.format != "JPEG" or img.mode not in NVJPEG_MODES:
+            return super().__call__(img)
+        box = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # in full-size pixels
+        flip = bool(torch.rand(1) < 0.5)
+        return JpegCrop(torch.from_numpy(np.fromfile(img.filename, dtype=np.uint8)), box, flip, img.filename)
+
+    def decode_batch(self, samples, device):
+        """A batch of samples (JpegCrop, or uint8 [3, S, S] done in a worker) -> uint8 [B, 3, S, S] on `device`:
+        the JPEGs decoded there in one call, each cropped (a slice of its full-size decode), resized as
+        ResizedCropFlip resizes and flipped."""
+        jpegs = [s for s in samples if isinstance(s, JpegCrop)]
+        decoded = iter(decode_jpegs(jpegs, device))
+        images = []
+        for s in samples:
+            if isinstance(s, JpegCrop):
+                top, left, h, w = s.box
+                x = next(decoded)[:, top:top + h, left:left + w].unsqueeze(0).float()  # [3, H, W] -> [1, 3, h, w]
+                x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True)[0]  # [3, S, S]
+                x = x.clamp_(0, 255).round_().to(torch.uint8)  # as torchvision's resize of uint8 through float
+                s = x.flip(-1) if s.flip else x
+            images.append(s.to(device, non_blocking=True))
+        return torch.stack(images)  # [B, 3, S, S]
+
+
+def decode_jpegs(jpegs, device):
+    """The JpegCrops' files decoded on `device` in one torchvision.io.decode_jpeg call: a list of uint8 [3, H, W].
+    A file that does not decode (truncated, say: its header read well in the worker) is a UserError naming it."""
+    if not jpegs:
+        return []
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders (TorchCodec supersedes them); this is its batched nvJPEG one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # which file: decode them one at a time
+            for j in jpegs:
+                try:
+                    decode_jpeg(j.data, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as e:
+                    raise UserError(f"cannot read image {j.path} on {device}: {e} (--decode workers reads each file "
+                                    f"in the workers, where --skip-bad-images can replace it)") from None
+            raise
+
+
+def collate_samples(batch):
+    """DataLoader collate for DeviceDecodeCrop: (the samples as a list, as their bytes differ in length; labels)."""
+    samples, labels = zip(*batch)
+    return list(samples), torch.tensor(labels)
+
+
 def normalize_uint8(images, mean, std):
     """uint8 [B, 3, H, W] in 0..255 -> float, (x - mean) / std with mean and std [1, 3, 1, 1] scaled to 0..255: what
     ToTensor + Normalize do, done for the batch on the device (in place on the one float copy)."""
@@ -805,16 +885,19 @@ class ResidentData:
 
 
 class LoaderData:
-    """The DataLoader path: worker processes decode and augment (ResizedCropFlip, or a method's own transform). A
-    batch of uint8 images is normalised here, on the device, after the transfer."""
+    """The DataLoader path: worker processes decode and augment (ResizedCropFlip, or a method's own transform), or
+    with DeviceDecodeCrop draw the crops and read the JPEGs' bytes, which are decoded here, on the device. A batch of
+    uint8 images is normalised here, on the device, after the transfer."""
 
     def __init__(self, dataset, batch_size, seed, rank, world, workers, device):
         dataset.seed = seed
         self.sampler = EpochSampler(len(dataset), batch_size, seed, rank, world)
+        self.decode = dataset.transform.decode_batch if isinstance(dataset.transform, DeviceDecodeCrop) else None
         # own generator: creating the iterator draws worker seeds from it, not from the global RNG (exact resume)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
-                                 worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
+                                 worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed),
+                                 collate_fn=collate_samples if self.decode else None)
         self.device = device
         self.steps_per_epoch = len(dataset) // world // batch_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
@@ -823,7 +906,7 @@ class LoaderData:
     def epoch(self, epoch, start_step=0):
         self.sampler.set_epoch(epoch, start_step)
         for imgs, labels in self.loader:
-            imgs = to_device(imgs, self.device)
+            imgs = self.decode(imgs, self.device) if self.decode else to_device(imgs, self.device)
             if isinstance(imgs, torch.Tensor) and imgs.dtype == torch.uint8:
                 imgs = normalize_uint8(imgs, self.mean, self.std)
             yield imgs, labels.to(self.device, non_blocking=True)
@@ -860,10 +943,13 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
                      transform=None, augment=None):
     """The pre-training batches: resident when the dataset allows and fits (and --resident), else a DataLoader.
     Each yields (images, labels), images [B, 3, H, W] with the law of `pretrain_transform(crop_scale, ...)` by
-    default (the DataLoader path: ResizedCropFlip, normalised on the device).
+    default (the DataLoader path: ResizedCropFlip, or DeviceDecodeCrop with --decode device; normalised on the device).
     A method with its own views passes both paths of them: `transform` (PIL image -> tensor, or a tuple of views)
     for the DataLoader and `augment` ((uint8 [B, 3, H, W] on the device, generator) -> the same views, batched) for
     the resident path; the batches then carry that tuple. With `transform` alone the DataLoader path is used."""
+    if transform is not None and cfg.decode == "device":
+        raise UserError("--decode device decodes the default crop's JPEGs; this method's own views are made in the "
+                        "workers (--decode workers)")
     info = DATASETS[cfg.data]
     ds = run_dataset(cfg, "pretrain")
     if len(ds) // dist.world_size < cfg.batch_size:
@@ -878,9 +964,11 @@ def build_train_data(cfg, dist, crop_scale, crop_ratio=(3 / 4, 4 / 3), interpola
                 f"augmented in batches")
             return ResidentData(images, labels, cfg.batch_size, cfg.img_size, crop_scale, crop_ratio, interpolation,
                                 cfg.seed, dist.rank, dist.world_size, dist.device, augment)
-    ds.transform = transform or ResizedCropFlip(cfg.img_size, crop_scale, crop_ratio, interpolation)
+    crop = DeviceDecodeCrop if cfg.decode == "device" else ResizedCropFlip
+    ds.transform = transform or crop(cfg.img_size, crop_scale, crop_ratio, interpolation)
     cfg.resident = False  # (config.json says which path the run took)
-    log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers")
+    decoded = f"JPEGs decoded on {dist.device} in batches" if cfg.decode == "device" else "decoded in the workers"
+    log(f"data: {cfg.data}, {len(ds)} images, DataLoader with {cfg.workers} workers, {decoded}")
     return LoaderData(ds, cfg.batch_size, cfg.seed, dist.rank, dist.world_size, cfg.workers, dist.device)
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     workers: int = default_workers()  # DataLoader worker processes: this process's share of its cores by default
     resident: bool = True  # hold small datasets on the device and augment in batches (--no-resident: DataLoader)
+    decode: str = "workers"  # where JPEGs are decoded: workers (PIL) or device (decode_jpeg in batches; nvJPEG on a GPU)
     skip_bad_images: bool = False  # list an unreadable image in <out>/bad_images.txt and use another (default: stop)
     seed: int = 0  # seed of init, data order, augmentation and masks
     resume: str = ""  # checkpoint to continue from, or "auto" for <out>/checkpoint.pth
@@ -92,6 +93,11 @@ class TrainConfig:
             raise UserError(f"unknown model {self.model!r}; choose from {', '.join(VIT_SIZES)}")
         if self.amp not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"unknown --amp {self.amp!r}; choose from auto, bf16, fp16, fp32")
+        if self.decode not in ("workers", "device"):
+            raise UserError(f"unknown --decode {self.decode!r}; choose workers or device")
+        if self.decode == "device" and DATASETS[self.data].in_memory:
+            raise UserError(f"--decode device decodes image files (--data imagenet or folder); --data {self.data} "
+                            f"is held in memory")
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -89,3 +90,15 @@ def assert_same_law(a, b, z=3.7):
         return
     limit = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
     assert stat < limit, f"chi-square {stat:.1f} >= {limit:.1f} ({df} degrees of freedom)\n{a.tolist()}\n{b.tolist()}"
+
+
+def photo_like(width, height, seed=0):
+    """An RGB image with detail at every scale (smooth colour fields + texture + noise), as a photo compresses."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(height, width),
+                                             mode="bicubic", align_corners=False)[0]  # [3, H, W]
+    x = torch.arange(width) / width
+    y = torch.arange(height).view(-1, 1) / height
+    texture = 0.15 * torch.sin(40 * x + 25 * y) * torch.cos(13 * y - 7 * x)  # [H, W]
+    img = (smooth + texture + 0.03 * torch.randn(3, height, width, generator=g)).clamp(0, 1)
+    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy())  # [3, H, W] -> [H, W, 3]

@@ -710,7 +710,7 @@ def test_synthetic_is_fast(monkeypatch):
 
     monkeypatch.setattr(data, "render_synthetic", counted)
     cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=24, batch_size=8, workers=0, seed=0, skip_bad_images=False,
-                          resident=True)
+                          resident=True, decode="workers")
     dist = Dist(0, 1, 0, torch.device("cpu"))
     loader = build_eval_loader(cfg, "val", dist)
     first, second = (torch.cat([x for x, _ in loader]) for _ in range(2))

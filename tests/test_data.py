@@ -12,6 +12,7 @@ from common import data
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, LoaderData, ResidentData, ResizedCropFlip, SyntheticDataset,
                          crop_resize_flip, epoch_order, load_image, mix_seed, pretrain_transform, sample_resized_crops,
                          seeded_rng)
+from conftest import photo_like
 
 CPU = torch.device("cpu")
 
@@ -174,7 +175,7 @@ def test_a_method_can_bring_its_own_views_on_both_paths():
     from common.training import Dist
 
     cfg = SimpleNamespace(data="synthetic", data_path="", img_size=16, subset=48, seed=0, skip_bad_images=False, batch_size=8, workers=0,
-                          resident=True)
+                          resident=True, decode="workers")
     dist = Dist(0, 1, 0, CPU)
     pil_views = T.Compose([T.Resize(8), T.ToTensor()])
     transform = lambda img: (T.ToTensor()(img), pil_views(img))  # noqa: E731 (two views of one image)
@@ -233,18 +234,6 @@ def test_colour_jitter_applies_the_four_ops_in_each_images_random_order():
 
 
 # ----------------------------------------------------------------------- the DataLoader's JPEG path (ResizedCropFlip)
-def photo_like(width, height, seed=0):
-    """An RGB image with detail at every scale (smooth colour fields + texture + noise), as a photo compresses."""
-    g = torch.Generator().manual_seed(seed)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(height, width),
-                                             mode="bicubic", align_corners=False)[0]  # [3, H, W]
-    x = torch.arange(width) / width
-    y = torch.arange(height).view(-1, 1) / height
-    texture = 0.15 * torch.sin(40 * x + 25 * y) * torch.cos(13 * y - 7 * x)  # [H, W]
-    img = (smooth + texture + 0.03 * torch.randn(3, height, width, generator=g)).clamp(0, 1)
-    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy())  # [3, H, W] -> [H, W, 3]
-
-
 def crop_spy(monkeypatch):
     """Records (size of the image, box) of every PIL crop: the box ResizedCropFlip cuts, in decoded pixels."""
     calls = []
@@ -375,7 +364,7 @@ def test_loader_yields_normalised_floats_from_uint8_workers(tmp_path):
     for i in range(8):
         photo_like(1200, 900, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
     cfg = SimpleNamespace(data="folder", data_path=str(tmp_path), img_size=32, subset=0, seed=3, skip_bad_images=False, batch_size=4,
-                          workers=0, resident=True)
+                          workers=0, resident=True, decode="workers")
     loader = build_train_data(cfg, Dist(0, 1, 0, CPU), (0.2, 1.0), log=lambda msg: None)
     assert isinstance(loader, LoaderData) and isinstance(loader.loader.dataset.transform, ResizedCropFlip)
     ds = loader.loader.dataset
