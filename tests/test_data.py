@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-from common import data
+from common import UserError, data
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, LoaderData, ResidentData, ResizedCropFlip, SyntheticDataset,
                          crop_resize_flip, epoch_order, load_image, mix_seed, pretrain_transform, sample_resized_crops,
                          seeded_rng)
@@ -349,6 +349,27 @@ def test_resized_crop_flip_equals_pil_crop_resize_without_reduction(tmp_path):
             assert ours.dtype == torch.uint8 and ours.shape == (3, S, S)
             levels = (expected * std + mean) * 255  # back to 0..255
             assert (ours - levels).abs().max() <= 2.01, (name, seed)
+
+
+def test_a_full_size_jpeg_crop_is_torchvisions_decode_and_pils_pixels(tmp_path, monkeypatch):
+    """Where no DCT scaling applies, an RGB JPEG is decoded by torchvision's decode_jpeg (faster than PIL's): the crop
+    is PIL's full decode cropped to the same box, bit for bit. A grayscale JPEG stays with PIL."""
+    photo_like(500, 375).save(tmp_path / "a.jpg", quality=90)
+    photo_like(500, 375).convert("L").save(tmp_path / "g.jpg", quality=90)
+    used = []
+    real = data.decode_jpeg_file
+    monkeypatch.setattr(data, "decode_jpeg_file", lambda path: used.append(path) or real(path))
+    transform = ResizedCropFlip(224, (0.2, 1.0))
+    for name in ("a.jpg", "g.jpg"):
+        for top, left, h, w in ((0, 0, 375, 375), (40, 100, 230, 300)):
+            with Image.open(tmp_path / name) as img:
+                ours = transform.crop(img, top, left, h, w)
+            pil = Image.open(tmp_path / name).convert("RGB").crop((left, top, left + w, top + h))
+            assert torch.equal(ours, torch.from_numpy(np.array(pil)).permute(2, 0, 1)), (name, top, left)
+    assert used == [str(tmp_path / "a.jpg")] * 2
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:3000])  # a header, then nothing
+    with pytest.raises(UserError, match="cannot read image .*cut.jpg"):
+        load_image(tmp_path / "cut.jpg", transform)
 
 
 def test_loader_yields_normalised_floats_from_uint8_workers(tmp_path):
