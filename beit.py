@@ -44,8 +44,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from common import UserError
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip,
-                         eval_transform, mix_seed, preview_images, run_dataset, sample_resized_crops, seeded_rng)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip, eval_transform,
+                         imagenet_stats, mix_seed, preview_images, run_dataset, sample_resized_crops, seeded_rng)
 from common.evaluation import (codebook_stats, denormalize, monitors, report, save_codebook_usage, save_image_grid,
                                token_colours)
 from common.training import (Preempted, Run, TrainConfig, atomic_save, barrier, cli, load_file, param_groups,
@@ -494,8 +494,7 @@ def two_view_augment(img_size, tok_size, crop_scale=(0.08, 1.0)):
     """two_view_transform for a batch on the device (the resident path): (uint8 [B, 3, H, W], generator) ->
     (model view [B, 3, S, S] normalised, tokenizer view [B, 3, T, T] in [0, 1]), one crop box and flip per image.
     official: PIL resizes (bicubic, lanczos); we: bicubic grid_sample for both (common.data.crop_resize_flip)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = imagenet_stats()
 
     def augment(images, generator):
         nonlocal mean, std

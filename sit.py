@@ -51,7 +51,7 @@ from torchvision import transforms as T
 
 from common import UserError
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, build_train_data, color_jitter, crop_resize_flip, grayscale,
-                         preview_images, sample_resized_crops)
+                         imagenet_stats, preview_images, sample_resized_crops)
 from common.evaluation import denormalize, monitors, report, save_image_grid
 from common.training import (Run, TrainConfig, cli, cosine_lr, param_groups, parse_config, scaled_lr, set_grad_sync,
                              set_lr)
@@ -445,8 +445,7 @@ class BatchedViews:
         self.img_size = img_size
         self.radius = blur_radius_range(img_size)
         self.kernel_size = 2 * math.ceil(3 * self.radius[1]) + 1  # +-3 sigma of the widest blur
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean, self.std = imagenet_stats()
 
     def __call__(self, images, generator):
         """uint8 [B, 3, H, W] on the device -> (view 1, view 2), each normalised [B, 3, img, img]."""

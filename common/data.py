@@ -670,6 +670,12 @@ def collate_samples(batch):
     return list(samples), torch.tensor(labels)
 
 
+def imagenet_stats(shape=(1, 3, 1, 1), scale=1.0, device=None):
+    """(mean, std) of ImageNet's normalisation as tensors of `shape` (a batch's by default), times `scale` (255 for
+    uint8 images), on `device`."""
+    return tuple(torch.tensor(v, device=device).view(shape) * scale for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalize_uint8(images, mean, std):
     """uint8 [B, 3, H, W] in 0..255 -> float, (x - mean) / std with mean and std [1, 3, 1, 1] scaled to 0..255: what
     ToTensor + Normalize do, done for the batch on the device (in place on the one float copy)."""
@@ -879,8 +885,7 @@ class ResidentData:
         self.batch_augment = augment or self.augment  # a method's own views: (uint8 batch, generator) -> views
         self.batch_size, self.img_size, self.seed, self.rank, self.world = batch_size, img_size, seed, rank, world
         self.crop_scale, self.crop_ratio, self.mode, self.device = crop_scale, crop_ratio, interpolation, device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = imagenet_stats(scale=255, device=device)
         self.steps_per_epoch = len(images) // world // batch_size
 
     def augment(self, images, generator):
@@ -915,8 +920,7 @@ class LoaderData:
                                  collate_fn=collate_samples if self.decode else None)
         self.device = device
         self.steps_per_epoch = len(dataset) // world // batch_size
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = imagenet_stats(scale=255, device=device)
 
     def epoch(self, epoch, start_step=0):
         self.sampler.set_epoch(epoch, start_step)
@@ -994,8 +998,7 @@ class TensorImages(Dataset):
 
     def __init__(self, images, labels, num_classes):
         self.images, self.labels, self.num_classes = images, labels, num_classes
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean, self.std = imagenet_stats(shape=(3, 1, 1))
 
     def __len__(self):
         return len(self.images)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, mix_seed, seeded_rng, stratified_indices
+from .data import build_eval_loader, imagenet_stats, mix_seed, seeded_rng, stratified_indices
 from .training import Preempted, barrier, cosine_lr, on_any_rank, progress, set_lr
 
 
@@ -314,8 +314,7 @@ def report(method, encoder, build_model, run, extra=None):
 # ---------------------------------------------------------------------------------------------------------------- #
 def denormalize(x):
     """ImageNet-normalised [B, 3, H, W] -> [0, 1] for viewing."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(device=x.device)
     return (x.float() * std + mean).clamp(0, 1)
 
 
