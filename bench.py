@@ -82,7 +82,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
@@ -97,6 +97,7 @@ from common.training import (cli, cpu_has_fast_bf16, param_groups, parse_config,
 from common.vit import VIT_SIZES, count_params, set_grad_checkpointing
 
 ROOT = Path(__file__).resolve().parent
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist: --quality's data
 METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt")  # benchmarked when <name>.py exists
 WARMUP_STEPS = 2
 PRECISIONS = (  # (name, autocast dtype or None, torch.compile)
@@ -152,10 +153,25 @@ def parse_args(argv=None):
     p.add_argument("--loader-images", type=int, default=256, help="--loader: JPEGs in the temporary folder")
     p.add_argument("--data-path", default="",
                    help="--loader: time this folder of images (class subfolders or flat; with train/, its train/) "
-                        "instead of generated JPEGs (default: a temporary folder of --loader-images)")
+                        "instead of generated JPEGs (default: a temporary folder of --loader-images); --quality: "
+                        f"Fashion-MNIST's IDX files (default: {FASHION_MNIST})")
     p.add_argument("--loader-epochs", type=int, default=1,
                    help="--loader: epochs timed per row after the warm-up one (img/s: their median)")
     p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
+    p.add_argument("--quality", action="store_true",
+                   help="compare the methods under one protocol (pre-training, monitors, fine-tuning on "
+                        "Fashion-MNIST) and write the table into --quality-doc and results.png beside it")
+    p.add_argument("--quality-epochs", type=int, default=2, help="--quality: pre-training epochs of every method")
+    p.add_argument("--quality-finetune-epochs", type=int, default=5, help="--quality: fine-tuning epochs")
+    p.add_argument("--quality-out", default="runs/quality", help="--quality: the runs' folder (runs found there are "
+                                                                   "reused, stopped ones continued)")
+    p.add_argument("--quality-doc", default=str(ROOT / "docs" / "RESULTS.md"),
+                   help="--quality: the markdown file that receives the table (results.png goes beside it)")
+    p.add_argument("--quality-flags", default="", help="--quality: flags appended to every pre-training command")
+    p.add_argument("--quality-finetune-flags", default="",
+                   help="--quality: flags appended to every finetune.py command")
+    p.add_argument("--seed", type=int, action="append", dest="seeds",
+                   help="--quality: a seed of every row; give it twice for a spread (default: 0)")
     args = p.parse_args(argv)
     if args.profile < 0:
         raise UserError(f"--profile must not be negative, got {args.profile}")
@@ -163,8 +179,12 @@ def parse_args(argv=None):
         raise UserError("--preset demo benchmarks each demo's own model and input; --model, --img-size and "
                         "--patch-size set the sizes of --preset imagenet")
     args.model, args.img_size = getattr(args, "model", "vit_base"), getattr(args, "img_size", 224)
-    if args.data_path and not os.path.isdir(args.data_path):
+    if args.data_path and not os.path.isdir(args.data_path) and not args.quality:
         raise UserError(f"--data-path {args.data_path} is not a folder")
+    args.data_path = args.data_path or (FASHION_MNIST if args.quality else "")
+    args.seeds = args.seeds or [0]
+    if args.quality and (args.quality_epochs <= 0 or args.quality_finetune_epochs <= 0):
+        raise UserError("--quality-epochs and --quality-finetune-epochs must be positive")
     for name in ("img_size", "steps", "loader_images", "small_images", "loader_epochs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -811,6 +831,195 @@ def bench_training(args, device):
                 rows=rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------- #
+#                                    --quality: seven methods, one protocol                                          #
+# ---------------------------------------------------------------------------------------------------------------- #
+# Every method pre-trains the same encoder -- ViT-micro/4 (192 wide, 6 blocks, 3 heads) on 32 x 32 inputs, 8 x 8
+# patches; ConvMAE: its hybrid at that width and depth with an 8-px total stride; iGPT: igpt_micro on 16 x 16
+# pixels, its own kind of model -- on Fashion-MNIST (all 60,000 training images, resized from 28 px), for the same
+# images seen at the same batch, each with its method's lr rule (blr x batch / the method's divisor) and the
+# small-data preset of its file for everything the protocol does not set. Then, against the same reference: kNN
+# (k = 20) and the linear monitor on frozen mean-pooled features (10,000 train / the 10,000 test images), and
+# finetune.py with one recipe for every encoder (MAE's small-image recipe, 10,000 labelled images), next to the
+# same fine-tune from random initialisation ("scratch"). BEiT v2's teacher is the MAE row's encoder.
+QUALITY_METHODS = ("mae", "simmim", "beit", "beit2", "sit", "convmae", "igpt")
+QUALITY_COMMON = ["--data", "fashion-mnist", "--model", "vit_micro", "--img-size", "32", "--patch-size", "4",
+                  "--batch-size", "256", "--accum-iter", "1", "--eval-images", "10000", "--workers", "0"]
+DVAE_STAGE = ["--vocab-size", "512", "--tokenizer-epochs", "1", "--tokenizer-batch-size", "128", "--tokenizer-lr",
+              "2e-3", "--tokenizer-min-lr", "1e-4"]  # stage 1 of BEiT and BEiT v2: one epoch, 512 codes
+QUALITY_FLAGS = {
+    "mae": ["--decoder-dim", "128", "--decoder-depth", "2", "--decoder-heads", "4", "--blr", "1.5e-3"],
+    "simmim": ["--mask-patch-size", "8", "--blr", "2e-3"],
+    "beit": DVAE_STAGE + ["--dvae-stride", "4", "--dvae-hidden", "32", "--dvae-codebook-dim", "64",
+                          "--dvae-kl-warmup", "0.2", "--dvae-temp-anneal", "0.5", "--blr", "2e-3"],
+    "beit2": DVAE_STAGE + ["--blr", "2e-3"],  # + --teacher: the MAE row's encoder.pth
+    "sit": ["--head-hidden-dim", "1024", "--blr", "2e-3"],
+    "convmae": ["--patch-size", "8", "--decoder-dim", "128", "--decoder-depth", "2", "--decoder-heads", "4",
+                "--blr", "1.5e-3", "--amp", "fp32"],  # (bf16 convolutions are slow on CPUs)
+    "igpt": ["--model", "igpt_micro", "--n-px", "16", "--palette-size", "16", "--palette-images", "2000",
+             "--blr", "1e-3"],
+}
+QUALITY_FINETUNE = ["--recipe", "mae", "--subset", "10000", "--warmup-epochs", "0.5", "--workers", "0"]
+QUALITY_BEGIN, QUALITY_END = "<!-- bench.py --quality: table begin -->", "<!-- bench.py --quality: table end -->"
+
+
+def quality_run(script, argv, out, log):
+    """`python script argv --out out`, its output in `log`; skipped when out/results.json exists (a finished run),
+    continued with --resume auto when out holds a checkpoint (a stopped one). Returns out/results.json."""
+    results = out / "results.json"
+    if results.exists():
+        return json.loads(results.read_text())
+    resume = ["--resume", "auto"] if (out / "checkpoint.pth").exists() else []
+    command = [sys.executable, str(ROOT / script), *map(str, argv), "--out", str(out), *resume]
+    print(f"  {shlex.join(command[1:])}  (> {log})", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0 or not results.exists():
+        raise UserError(f"{script} exited {code} without {results}; see {log}")
+    return json.loads(results.read_text())
+
+
+def quality_seed(method, seed, args):
+    """One method's row at one seed: pre-training (with its monitors), then finetune.py on its encoder. Returns the
+    row's numbers."""
+    root = Path(args.quality_out) / f"seed{seed}"
+    budget = ["--epochs", args.quality_epochs, "--warmup-epochs", args.quality_epochs / 10, "--seed", seed]
+    extra = ["--teacher", root / "mae" / "encoder.pth"] if method == "beit2" else []
+    argv = [*QUALITY_COMMON, "--data-path", args.data_path, *QUALITY_FLAGS[method], *budget, *extra,
+            *shlex.split(args.quality_flags)]
+    pretrained = quality_run(f"{method}.py", argv, root / method, root / f"{method}.log")
+    row = quality_numbers(method, pretrained, root / method)
+    if method in ("mae", "simmim", "beit", "beit2", "sit", "convmae"):  # finetune.py's encoders (not iGPT's)
+        tuned = quality_run("finetune.py", ["--init", root / method / "encoder.pth", *quality_finetune_flags(args)],
+                            root / method / "finetune", root / f"{method}-finetune.log")
+        row["finetune"] = tuned["top1"]
+    return row
+
+
+def quality_finetune_flags(args):
+    return [*QUALITY_FINETUNE, "--epochs", args.quality_finetune_epochs, "--seed", 0,
+            *shlex.split(args.quality_finetune_flags)]
+
+
+def quality_numbers(method, results, out):
+    """The table's numbers of a pre-training run from its results.json and log.jsonl."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["kind"] == "step"]
+    done = [r for r in log if r["kind"] == "done"][-1]
+    tokenizer_seconds = sum(r["seconds"] for r in log if r["kind"] == "tokenizer_epoch")
+    config = json.loads((out / "config.json").read_text())
+    evaluation = results["eval"]
+    if method == "igpt":  # its per-layer monitors: the best layer's linear probe, the best layer's kNN
+        pretrained, baseline = ({"knn": e["best_knn"], "linear": e["best_linear"]} for e in (
+            evaluation["pretrained"], evaluation["random_init"]))
+    else:
+        pretrained, baseline = ({"knn": e["knn_mean"], "linear": e["linear_mean"]} for e in (
+            evaluation["pretrained"], evaluation["random_init"]))
+    images = results["global_step"] * config["batch_size"] * done["world_size"]
+    return {"loss_start": steps[0]["loss"], "loss_end": results["final_loss"], "knn": pretrained["knn"],
+            "linear": pretrained["linear"], "random_knn": baseline["knn"], "random_linear": baseline["linear"],
+            "minutes": (done["seconds"] + tokenizer_seconds) / 60, "img_per_s": images / done["seconds"],
+            "codes_used": results.get("tokenizer", {}).get("codes_used")}
+
+
+def spread(values, digits=1):
+    """'mean' for one seed, 'mean ± half the range' for several, with `digits` decimals; '-' for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.{digits}f}" + (f" ± {(max(values) - min(values)) / 2:.{digits}f}" if len(values) > 1 else "")
+
+
+def quality_table(rows, scratch):
+    """The markdown table: a row per method (its seeds merged), then the random-init reference."""
+    lines = ["| method | loss start -> end | kNN | linear | fine-tune | pre-training min | img/s | codebook use |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, seeds in rows.items():
+        cell = lambda key, digits=1: spread([s.get(key) for s in seeds], digits)  # noqa: E731
+        codes = spread([s["codes_used"] * 100 for s in seeds if s["codes_used"] is not None], 0)
+        lines.append(f"| {method} | {cell('loss_start', 3)} -> {cell('loss_end', 3)} | {cell('knn')} | "
+                     f"{cell('linear')} | {cell('finetune')} | {cell('minutes')} | {cell('img_per_s', 0)} | "
+                     f"{codes + ' %' if codes != '-' else '-'} |")
+    reference = next(iter(rows.values()))  # the first row's random-init encoder
+    lines.append(f"| random init (reference) | - | {spread([s['random_knn'] for s in reference])} | "
+                 f"{spread([s['random_linear'] for s in reference])} | {spread(scratch)} (scratch) | - | - | - |")
+    return "\n".join(lines)
+
+
+def save_results_chart(rows, scratch, path):
+    """docs/results.png: for each method, bars of kNN, linear and fine-tune top-1 (mean over seeds), with the
+    random-init encoder's kNN and linear and the from-scratch fine-tune as dashed reference lines."""
+    metrics = (("knn", "kNN", (31, 119, 180)), ("linear", "linear", (255, 127, 14)),
+               ("finetune", "fine-tune", (44, 160, 44)))
+    mean = lambda vs: sum(vs) / len(vs) if vs else None  # noqa: E731
+    reference = next(iter(rows.values()))
+    lines = [("random init kNN", mean([s["random_knn"] for s in reference]), (31, 119, 180)),
+             ("random init linear", mean([s["random_linear"] for s in reference]), (255, 127, 14)),
+             ("scratch fine-tune", mean(scratch), (44, 160, 44))]
+    width, height, left, bottom, top = max(560, 120 * len(rows) + 90), 390, 50, 340, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), "Fashion-MNIST top-1 %, bench.py --quality", fill="black")
+    draw.text((left, 24), "dashed, in the bars' colours: the random-init encoder's kNN and linear, fine-tuning from "
+                          "scratch", fill="black")
+    y = lambda v: bottom - v / 100 * (bottom - top)  # noqa: E731
+    for v in range(0, 101, 20):
+        draw.line((left, y(v), width - 10, y(v)), fill=(230, 230, 230))
+        draw.text((8, y(v) - 6), str(v), fill="black")
+    for i, (method, seeds) in enumerate(rows.items()):
+        x0 = left + 15 + i * 120
+        for j, (key, _, colour) in enumerate(metrics):
+            value = mean([s[key] for s in seeds if s.get(key) is not None])
+            if value is not None:
+                draw.rectangle((x0 + j * 30, y(value), x0 + j * 30 + 26, bottom), fill=colour)
+        draw.text((x0, bottom + 6), method, fill="black")
+    for name, value, colour in lines:
+        if value is not None:
+            for x in range(left, width - 10, 12):
+                draw.line((x, y(value), x + 6, y(value)), fill=colour, width=2)
+    for j, (_, name, colour) in enumerate(metrics):
+        draw.rectangle((left + j * 110, height - 22, left + j * 110 + 10, height - 12), fill=colour)
+        draw.text((left + j * 110 + 14, height - 23), name, fill="black")
+    image.save(path)
+
+
+def write_quality_doc(path, table, command, machine):
+    """The table, its command and machine, between the QUALITY markers of `path` (added at its end if absent)."""
+    block = f"{QUALITY_BEGIN}\n{machine}; `{command}`\n\n{table}\n{QUALITY_END}"
+    text = path.read_text() if path.exists() else ""
+    if QUALITY_BEGIN in text:
+        text = text[:text.index(QUALITY_BEGIN)] + block + text[text.index(QUALITY_END) + len(QUALITY_END):]
+    else:
+        text += ("\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def bench_quality(args):
+    """Every row of the protocol at every --seed (a finished run is reused, a stopped one continued), the scratch
+    reference, then the table in --quality-doc and results.png beside it."""
+    methods = select_methods(args.methods)
+    if "beit2" in methods and "mae" not in methods:
+        methods.insert(0, "mae")  # BEiT v2's teacher
+    rows = {}
+    for method in methods:
+        for seed in args.seeds:
+            print(f"{method}, seed {seed}:", flush=True)
+            rows.setdefault(method, []).append(quality_seed(method, seed, args))
+    root = Path(args.quality_out) / f"seed{args.seeds[0]}"
+    first = next(m for m in methods if m != "igpt")
+    scratch = quality_run("finetune.py", ["--init", root / first / "encoder.pth", "--random-init",
+                                          *quality_finetune_flags(args)],
+                          root / "scratch", root / "scratch.log")["top1"]
+    table = quality_table(rows, [scratch])
+    doc = Path(args.quality_doc)
+    write_quality_doc(doc, table, shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]),
+                      hardware(torch.device("cpu")))
+    save_results_chart(rows, [scratch], doc.parent / "results.png")
+    return {"rows": rows, "scratch": scratch, "table": table}
+
+
 def main():
     args = parse_args()
     t0 = time.perf_counter()
@@ -822,6 +1031,9 @@ def main():
     if args.loader:
         result.update(bench_loader(args, device))
         table = loader_table(result["rows"], result["torchvision_rows"])
+    elif args.quality:
+        result.update(bench_quality(args))
+        table = result["table"]
     elif args.memory:
         result.update(bench_memory(args))
         table = memory_table(result)
@@ -838,7 +1050,7 @@ def main():
             table += "\n\n" + compile_table(timed)
     result["seconds"] = seconds = time.perf_counter() - t0
     path = Path(args.json or ("bench_loader.json" if args.loader else "bench_memory.json" if args.memory else
-                              "bench.json"))
+                              "bench_quality.json" if args.quality else "bench.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + "\n".join(header + [""]) + table)
     print(f"\n{seconds:.0f}s in all; wrote {path}")

@@ -313,3 +313,45 @@ def test_gpu_fit_finds_the_largest_batch_and_flags_a_batch_over_the_budget():
         assert bench.gpu_fit({**row, "batch": batch})["fits"] == fits
     row = bench.gpu_fit({**row, "checkpointing": True})
     assert row["fits"] and row["need_gb"] == pytest.approx(1.8 + 0.06 * 128)
+
+
+# ------------------------------------------------------------------------------------------------------ --quality
+TINY_QUALITY = ["--quality-epochs", "1", "--quality-finetune-epochs", "1", "--quality-flags",
+                "--data synthetic --model vit_nano --img-size 16 --subset 64 --batch-size 16 --max-steps 3 "
+                "--eval-images 200 --log-every 1", "--quality-finetune-flags", "--subset 64 --batch-size 8 --max-steps 2"]
+
+
+def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
+    """`bench.py --quality` on a tiny budget (two methods, 3 steps each, the synthetic set): every run of the
+    protocol (pre-training with its monitors, finetune.py on its encoder with MAE's recipe, the from-scratch
+    reference), then the table between its markers in the doc -- each row's numbers those of the runs' own files --
+    and results.png beside it. Run again, it reuses the finished runs and replaces the table, not adds one."""
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nbefore\n")
+    argv = ["--quality", "--methods", "mae,simmim", "--quality-out", tmp_path / "runs", "--quality-doc", doc,
+            "--json", tmp_path / "q.json", *TINY_QUALITY]
+    run_script("bench.py", *argv, env=ONE_THREAD, timeout=600)
+    runs = tmp_path / "runs" / "seed0"
+    for method in ("mae", "simmim"):
+        pretrain = json.loads((runs / method / "results.json").read_text())
+        config = json.loads((runs / method / "config.json").read_text())
+        assert (config["seed"], config["epochs"], config["blr"]) == (0, 1, {"mae": 1.5e-3, "simmim": 2e-3}[method])
+        tuned = json.loads((runs / method / "finetune" / "results.json").read_text())
+        assert tuned["recipe"]["blr"] == mae.FINETUNE["small"]["blr"]  # MAE's recipe for both encoders
+        steps = [json.loads(line) for line in (runs / method / "log.jsonl").read_text().splitlines()
+                 if '"kind": "step"' in line]
+        p = pretrain["eval"]["pretrained"]
+        row = (f"| {method} | {steps[0]['loss']:.3f} -> {pretrain['final_loss']:.3f} | {p['knn_mean']:.1f} | "
+               f"{p['linear_mean']:.1f} | {tuned['top1']:.1f} |")
+        assert row in doc.read_text(), (row, doc.read_text())
+    scratch = json.loads((runs / "scratch" / "results.json").read_text())
+    assert json.loads((runs / "scratch" / "config.json").read_text())["random_init"]
+    assert f"{scratch['top1']:.1f} (scratch)" in doc.read_text()
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nbefore\n") and text.count(bench.QUALITY_BEGIN) == 1
+    assert "python bench.py --quality --methods mae,simmim" in text
+    assert (doc.parent / "results.png").stat().st_size > 0
+    again = run_script("bench.py", *argv, env=ONE_THREAD)
+    assert "mae.py" not in again.stdout and again.stdout.count("| mae |") == 1  # nothing ran again
+    assert doc.read_text() == text  # the same table in the same place
