@@ -24,6 +24,7 @@ Deviations from the official code (beyond beit.py's, which hold here too):
   - stage 1's AdamW is (0.9, 0.999), cosine from --tokenizer-lr, no warm-up (official: (0.9, 0.99), 10 warm-up epochs)
   - stage 2 crops with scale (0.08, 1) (official v2: 0.2)
   - the VQ-KD encoder's size is --model's unless --vqkd-model (official: ViT-B for every BEiT size)
+  - dead-code restart of the codebook, --vqkd-restart-after N (official: none); on (20) in the presets below ImageNet
 Results: docs/RESULTS.md#beit-v2
 """
 import json
@@ -706,7 +707,10 @@ def main():
 # ---------------------------------------------------------------------------------------------------------------- #
 # Presets by dataset scale, a flag given on the command line always winning: BEiT's model, masking, schedule and
 # stage-1 budget at every scale, without its dVAE's fields (VQ-KD's view is the model's, its stride the patch size).
-PRESETS = {scale: {k: v for k, v in preset.items() if not k.startswith("dvae_")}
+# Below ImageNet scale, dead-code restart after 20 idle steps (ours): with a few hundred stage-1 steps the official
+# quantizer alone keeps only a few of its codes in use (docs/RESULTS.md#beit-v2).
+PRESETS = {scale: {**{k: v for k, v in preset.items() if not k.startswith("dvae_")},
+                   **({"vqkd_restart_after": 20} if scale != "imagenet" else {})}
            for scale, preset in beit.PRESETS.items()}
 
 # --finetune-epochs: BEiT's recipes (official beit2/ fine-tunes BEiT v2-B with BEiT's recipe structure).
