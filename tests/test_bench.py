@@ -342,8 +342,9 @@ def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
         steps = [json.loads(line) for line in (runs / method / "log.jsonl").read_text().splitlines()
                  if '"kind": "step"' in line]
         p = pretrain["eval"]["pretrained"]
+        r = pretrain["eval"]["random_init"]
         row = (f"| {method} | {steps[0]['loss']:.3f} -> {pretrain['final_loss']:.3f} | {p['knn_mean']:.1f} | "
-               f"{p['linear_mean']:.1f} | {tuned['top1']:.1f} |")
+               f"{p['linear_mean']:.1f} | {r['knn_mean']:.1f}, {r['linear_mean']:.1f} | {tuned['top1']:.1f} |")
         assert row in doc.read_text(), (row, doc.read_text())
     scratch = json.loads((runs / "scratch" / "results.json").read_text())
     assert json.loads((runs / "scratch" / "config.json").read_text())["random_init"]
