@@ -154,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--data-path", default="",
                    help="--loader: time this folder of images (class subfolders or flat; with train/, its train/) "
                         "instead of generated JPEGs (default: a temporary folder of --loader-images); --quality: "
-                        f"Fashion-MNIST's IDX files (default: {FASHION_MNIST})")
+                        f"Fashion-MNIST's IDX files, {FASHION_MNIST} if not given")
     p.add_argument("--loader-epochs", type=int, default=1,
                    help="--loader: epochs timed per row after the warm-up one (img/s: their median)")
     p.add_argument("--small-images", type=int, default=4096, help="--loader: images of the 32 px set")
