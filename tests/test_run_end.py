@@ -41,19 +41,17 @@ def load(path):
 
 
 # ------------------------------------------------------------------------------------------ a signal in the monitors
-def test_sigterm_during_the_monitors_stops_them_within_seconds(tmp_path):
-    """encoder.pth is on disk when the monitors start (the log line says so); SIGTERM then stops them at the next
-    batch: exit 0 within seconds, results.json with what finished and a "stopped" line naming what did not. Uncut,
-    the monitors here take well over 10 s: 6,000 images of 48 px at batch 1, for each of the two encoders."""
-    out = tmp_path / "run"
-    args = [*MAE_TINY, "--img-size", "48", "--batch-size", "1", "--subset", "5000", "--max-steps", "1",
-            "--eval-images", "0", "--out", out]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "mae.py"), *map(str, args)], cwd=ROOT, text=True,
+def sigterm_in_the_monitors(script, args, started):
+    """Run `script args`, send SIGTERM once its output says `started` (the monitors begin); returns (its output
+    after that line, the seconds from the signal to its exit, its exit code). encoder.pth of args' --out is checked
+    to be on disk, and results.json not yet, when the signal goes."""
+    out = Path(args[args.index("--out") + 1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     before = []
     for line in proc.stdout:
         before.append(line)
-        if "encoder.pth; the monitors" in line:
+        if started in line:
             break
     else:
         raise AssertionError("the monitors did not start:\n" + "".join(before[-30:]))
@@ -61,8 +59,18 @@ def test_sigterm_during_the_monitors_stops_them_within_seconds(tmp_path):
     t = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
-    seconds = time.perf_counter() - t
-    assert proc.returncode == 0, rest[-3000:]
+    return rest, time.perf_counter() - t, proc.returncode
+
+
+def test_sigterm_during_the_monitors_stops_them_within_seconds(tmp_path):
+    """encoder.pth is on disk when the monitors start (the log line says so); SIGTERM then stops them at the next
+    batch: exit 0 within seconds, results.json with what finished and a "stopped" line naming what did not. Uncut,
+    the monitors here take well over 10 s: 6,000 images of 48 px at batch 1, for each of the two encoders."""
+    out = tmp_path / "run"
+    args = [*MAE_TINY, "--img-size", "48", "--batch-size", "1", "--subset", "5000", "--max-steps", "1",
+            "--eval-images", "0", "--out", out]
+    rest, seconds, code = sigterm_in_the_monitors("mae.py", args, "encoder.pth; the monitors")
+    assert code == 0, rest[-3000:]
     assert seconds < 10, f"{seconds:.1f}s after SIGTERM\n{rest[-3000:]}"
     assert "received SIGTERM: stopping the monitors" in rest and "--eval-only --resume auto" in rest
     results = json.loads((out / "results.json").read_text())
@@ -85,21 +93,8 @@ def test_sigterm_during_igpts_per_layer_monitors_stops_them_within_seconds(tmp_p
     args = ["--model", "igpt_nano", "--img-size", "8", "--palette-size", "8", "--palette-images", "32", "--subset",
             "5000", "--batch-size", "1", "--workers", "0", "--n-samples", "0", "--max-steps", "1", "--eval-images", "0",
             "--out", out]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "igpt.py"), *map(str, args)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    before = []
-    for line in proc.stdout:
-        before.append(line)
-        if "encoder.pth; the per-layer monitors next" in line:
-            break
-    else:
-        raise AssertionError("the monitors did not start:\n" + "".join(before[-30:]))
-    assert (out / "encoder.pth").is_file() and not (out / "results.json").exists()
-    t = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=120)[0]
-    seconds = time.perf_counter() - t
-    assert proc.returncode == 0, rest[-3000:]
+    rest, seconds, code = sigterm_in_the_monitors("igpt.py", args, "encoder.pth; the per-layer monitors next")
+    assert code == 0, rest[-3000:]
     assert seconds < 10, f"{seconds:.1f}s after SIGTERM\n{rest[-3000:]}"
     assert "received SIGTERM: stopping the monitors" in rest and "--eval-only --resume auto" in rest
     results = json.loads((out / "results.json").read_text())
