@@ -586,15 +586,21 @@ class ResizedCropFlip:
         return torch.from_numpy(np.array(to_rgb(img).crop(box))).permute(2, 0, 1)  # [h', w', 3] -> [3, h', w']
 
 
+def quiet_decode_jpeg(data, device="cpu"):
+    """torchvision.io.decode_jpeg to RGB of one JPEG's bytes (uint8 [n]) or a list of them (one batched call; nvJPEG
+    on a GPU), without the DeprecationWarning torchvision 0.29 gives for its decoders (TorchCodec supersedes them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
 def decode_jpeg_file(path):
     """A JPEG file decoded by torchvision.io.decode_jpeg (libjpeg-turbo) to uint8 [3, H, W]; a file that does not
     decode raises OSError, as PIL's decoder does (load_image names the file)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders (TorchCodec)
-        try:
-            return decode_jpeg(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise OSError(str(e)) from None
+    try:
+        return quiet_decode_jpeg(torch.from_numpy(np.fromfile(path, dtype=np.uint8)))
+    except RuntimeError as e:
+        raise OSError(str(e)) from None
 
 
 class JpegCrop(NamedTuple):
@@ -649,19 +655,16 @@ def decode_jpegs(jpegs, device):
     A file that does not decode (truncated, say: its header read well in the worker) is a UserError naming it."""
     if not jpegs:
         return []
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image decoders (TorchCodec supersedes them); this is its batched nvJPEG one
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # which file: decode them one at a time
-            for j in jpegs:
-                try:
-                    decode_jpeg(j.data, mode=ImageReadMode.RGB, device=device)
-                except RuntimeError as e:
-                    raise UserError(f"cannot read image {j.path} on {device}: {e} (--decode workers reads each file "
-                                    f"in the workers, where --skip-bad-images can replace it)") from None
-            raise
+    try:
+        return quiet_decode_jpeg([j.data for j in jpegs], device)
+    except RuntimeError:  # which file: decode them one at a time
+        for j in jpegs:
+            try:
+                quiet_decode_jpeg(j.data, device)
+            except RuntimeError as e:
+                raise UserError(f"cannot read image {j.path} on {device}: {e} (--decode workers reads each file in "
+                                f"the workers, where --skip-bad-images can replace it)") from None
+        raise
 
 
 def collate_samples(batch):
