@@ -318,7 +318,8 @@ def test_gpu_fit_finds_the_largest_batch_and_flags_a_batch_over_the_budget():
 # ------------------------------------------------------------------------------------------------------ --quality
 TINY_QUALITY = ["--quality-epochs", "1", "--quality-finetune-epochs", "1", "--quality-flags",
                 "--data synthetic --model vit_nano --img-size 16 --subset 64 --batch-size 16 --max-steps 3 "
-                "--eval-images 200 --log-every 1", "--quality-finetune-flags", "--subset 64 --batch-size 8 --max-steps 2"]
+                "--eval-images 200 --log-every 1", "--quality-finetune-flags",
+                "--img-size 16 --subset 64 --batch-size 8 --max-steps 2"]
 
 
 def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
