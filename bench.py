@@ -922,7 +922,8 @@ def quality_numbers(method, results, out):
     return {"loss_start": steps[0]["loss"], "loss_end": results["final_loss"], "knn": pretrained["knn"],
             "linear": pretrained["linear"], "random_knn": baseline["knn"], "random_linear": baseline["linear"],
             "minutes": (done["seconds"] + tokenizer_seconds) / 60, "img_per_s": images / done["seconds"],
-            "codes_used": results.get("tokenizer", {}).get("codes_used")}
+            "codes_used": results.get("tokenizer", {}).get("codes_used"),
+            "perplexity": results.get("tokenizer", {}).get("perplexity")}
 
 
 def spread(values, digits=1):
@@ -937,13 +938,14 @@ def spread(values, digits=1):
 def quality_table(rows, scratch):
     """The markdown table: a row per method (its seeds merged), then the random-init reference."""
     lines = ["| method | loss start -> end | kNN | linear | its random init: kNN, linear | fine-tune | "
-             "pre-training min | img/s | codebook use |", "|---|---|---|---|---|---|---|---|---|"]
+             "pre-training min | img/s | codebook use, perplexity |", "|---|---|---|---|---|---|---|---|---|"]
     for method, seeds in rows.items():
         cell = lambda key, digits=1: spread([s.get(key) for s in seeds], digits)  # noqa: E731
         codes = spread([s["codes_used"] * 100 for s in seeds if s["codes_used"] is not None], 0)
+        codes = f"{codes} %, {cell('perplexity', 0)}" if codes != "-" else "-"
         lines.append(f"| {method} | {cell('loss_start', 3)} -> {cell('loss_end', 3)} | {cell('knn')} | "
                      f"{cell('linear')} | {cell('random_knn')}, {cell('random_linear')} | {cell('finetune')} | "
-                     f"{cell('minutes')} | {cell('img_per_s', 0)} | {codes + ' %' if codes != '-' else '-'} |")
+                     f"{cell('minutes')} | {cell('img_per_s', 0)} | {codes} |")
     reference = next(iter(rows.values()))  # the first row's random-init encoder
     lines.append(f"| random init ({next(iter(rows))}'s encoder) | - | {spread([s['random_knn'] for s in reference])} "
                  f"| {spread([s['random_linear'] for s in reference])} | - | {spread(scratch)} (scratch) | - | - | - |")

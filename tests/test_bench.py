@@ -357,3 +357,20 @@ def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
     again = run_script("bench.py", *argv, env=ONE_THREAD)
     assert "mae.py" not in again.stdout and again.stdout.count("| mae |") == 1  # nothing ran again
     assert doc.read_text() == text  # the same table in the same place
+
+
+def test_quality_table_merges_seeds_and_shows_the_codebook_where_there_is_one():
+    """Two seeds of a row read 'mean ± half the range' in every column; the codebook column shows the tokenizer's
+    use and perplexity, '-' for a method without one; the last row is the first method's random-init encoder."""
+    def seed(knn, codes=None, perplexity=None):
+        return {"loss_start": 2.0, "loss_end": 1.0, "knn": knn, "linear": 70.0, "random_knn": knn - 10,
+                "random_linear": 60.0, "finetune": 80.0, "minutes": 3.0, "img_per_s": 500.0, "codes_used": codes,
+                "perplexity": perplexity}
+    rows = {"mae": [seed(50.0), seed(54.0)], "beit2": [seed(40.0, 0.5, 100.0), seed(40.0, 0.7, 120.0)]}
+    lines = bench.quality_table(rows, [75.0]).splitlines()
+    assert lines[2] == ("| mae | 2.000 ± 0.000 -> 1.000 ± 0.000 | 52.0 ± 2.0 | 70.0 ± 0.0 | 42.0 ± 2.0, 60.0 ± 0.0 | "
+                        "80.0 ± 0.0 | 3.0 ± 0.0 | 500 ± 0 | - |")
+    assert lines[3].endswith("| 40.0 ± 0.0 | 70.0 ± 0.0 | 30.0 ± 0.0, 60.0 ± 0.0 | 80.0 ± 0.0 | 3.0 ± 0.0 | 500 ± 0 | "
+                             "60 ± 10 %, 110 ± 10 |")
+    assert lines[4] == ("| random init (mae's encoder) | - | 42.0 ± 2.0 | 60.0 ± 0.0 | - | 75.0 (scratch) | - | - "
+                        "| - |")
