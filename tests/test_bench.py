@@ -344,12 +344,13 @@ def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
                  if '"kind": "step"' in line]
         p = pretrain["eval"]["pretrained"]
         r = pretrain["eval"]["random_init"]
+        scratch = json.loads((runs / method / "finetune-random-init" / "results.json").read_text())
+        assert json.loads((runs / method / "finetune-random-init" / "config.json").read_text())["random_init"]
+        assert scratch["recipe"] == tuned["recipe"]  # the same fine-tune, from the same architecture at random init
         row = (f"| {method} | {steps[0]['loss']:.3f} -> {pretrain['final_loss']:.3f} | {p['knn_mean']:.1f} | "
-               f"{p['linear_mean']:.1f} | {r['knn_mean']:.1f}, {r['linear_mean']:.1f} | {tuned['top1']:.1f} |")
+               f"{p['linear_mean']:.1f} | {r['knn_mean']:.1f}, {r['linear_mean']:.1f} | {tuned['top1']:.1f} | "
+               f"{scratch['top1']:.1f} |")
         assert row in doc.read_text(), (row, doc.read_text())
-    scratch = json.loads((runs / "scratch" / "results.json").read_text())
-    assert json.loads((runs / "scratch" / "config.json").read_text())["random_init"]
-    assert f"{scratch['top1']:.1f} (scratch)" in doc.read_text()
     text = doc.read_text()
     assert text.startswith("# Results\n\nbefore\n") and text.count(bench.QUALITY_BEGIN) == 1
     assert "python bench.py --quality --methods mae,simmim" in text
@@ -361,16 +362,17 @@ def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
 
 def test_quality_table_merges_seeds_and_shows_the_codebook_where_there_is_one():
     """Two seeds of a row read 'mean ± half the range' in every column; the codebook column shows the tokenizer's
-    use and perplexity, '-' for a method without one; the last row is the first method's random-init encoder."""
-    def seed(knn, codes=None, perplexity=None):
+    use and perplexity, '-' for a method without one; a row without a fine-tune (iGPT) says '-' there."""
+    def seed(knn, codes=None, perplexity=None, finetune=(80.0, 75.0)):
         return {"loss_start": 2.0, "loss_end": 1.0, "knn": knn, "linear": 70.0, "random_knn": knn - 10,
-                "random_linear": 60.0, "finetune": 80.0, "minutes": 3.0, "img_per_s": 500.0, "codes_used": codes,
-                "perplexity": perplexity}
-    rows = {"mae": [seed(50.0), seed(54.0)], "beit2": [seed(40.0, 0.5, 100.0), seed(40.0, 0.7, 120.0)]}
-    lines = bench.quality_table(rows, [75.0]).splitlines()
+                "random_linear": 60.0, "finetune": finetune[0], "scratch": finetune[1], "minutes": 3.0,
+                "img_per_s": 500.0, "codes_used": codes, "perplexity": perplexity}
+    rows = {"mae": [seed(50.0), seed(54.0)], "beit2": [seed(40.0, 0.5, 100.0), seed(40.0, 0.7, 120.0)],
+            "igpt": [seed(60.0, finetune=(None, None))]}
+    lines = bench.quality_table(rows).splitlines()
     assert lines[2] == ("| mae | 2.000 ± 0.000 -> 1.000 ± 0.000 | 52.0 ± 2.0 | 70.0 ± 0.0 | 42.0 ± 2.0, 60.0 ± 0.0 | "
-                        "80.0 ± 0.0 | 3.0 ± 0.0 | 500 ± 0 | - |")
-    assert lines[3].endswith("| 40.0 ± 0.0 | 70.0 ± 0.0 | 30.0 ± 0.0, 60.0 ± 0.0 | 80.0 ± 0.0 | 3.0 ± 0.0 | 500 ± 0 | "
-                             "60 ± 10 %, 110 ± 10 |")
-    assert lines[4] == ("| random init (mae's encoder) | - | 42.0 ± 2.0 | 60.0 ± 0.0 | - | 75.0 (scratch) | - | - "
-                        "| - |")
+                        "80.0 ± 0.0 | 75.0 ± 0.0 | 3.0 ± 0.0 | 500 ± 0 | - |")
+    assert lines[3].endswith("| 40.0 ± 0.0 | 70.0 ± 0.0 | 30.0 ± 0.0, 60.0 ± 0.0 | 80.0 ± 0.0 | 75.0 ± 0.0 | 3.0 ± 0.0 "
+                             "| 500 ± 0 | 60 ± 10 %, 110 ± 10 |")
+    assert lines[4] == "| igpt | 2.000 -> 1.000 | 60.0 | 70.0 | 50.0, 60.0 | - | - | 3.0 | 500 | - |"
+    assert len(lines) == 5
