@@ -948,8 +948,7 @@ def quality_table(rows):
         codes = f"{codes} %, {cell('perplexity', 0)}" if codes != "-" else "-"
         lines.append(f"| {method} | {cell('loss_start', 3)} -> {cell('loss_end', 3)} | {cell('knn')} | "
                      f"{cell('linear')} | {cell('random_knn')}, {cell('random_linear')} | {cell('finetune')} | "
-                     f"{cell('scratch')} | "
-                     f"{cell('minutes')} | {cell('img_per_s', 0)} | {codes} |")
+                     f"{cell('scratch')} | {cell('minutes')} | {cell('img_per_s', 0)} | {codes} |")
     return "\n".join(lines)
 
 

@@ -324,8 +324,8 @@ TINY_QUALITY = ["--quality-epochs", "1", "--quality-finetune-epochs", "1", "--qu
 
 def test_quality_runs_the_protocol_end_to_end_and_writes_the_table(tmp_path):
     """`bench.py --quality` on a tiny budget (two methods, 3 steps each, the synthetic set): every run of the
-    protocol (pre-training with its monitors, finetune.py on its encoder with MAE's recipe, the from-scratch
-    reference), then the table between its markers in the doc -- each row's numbers those of the runs' own files --
+    protocol (pre-training with its monitors, finetune.py on its encoder with MAE's recipe, the same fine-tune of its
+    architecture from scratch), then the table between its markers in the doc -- each row's numbers those of the runs' own files --
     and results.png beside it. Run again, it reuses the finished runs and replaces the table, not adds one."""
     doc = tmp_path / "docs" / "RESULTS.md"
     doc.parent.mkdir()
